@@ -1,0 +1,54 @@
+"""The `distmlp` command. Each command parses its options and calls one plain function.
+
+Sub-command groups live in sibling modules (data_cmd, ...) and are registered here. This
+package is the only place that imports typer.
+"""
+
+import functools
+from typing import Annotated
+
+import typer
+
+from distmlp import __version__
+from distmlp.errors import UserError
+
+app = typer.Typer(
+    name="distmlp",
+    help="Data-parallel MLP training on Ray, faithful to the seed notebook's math.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def user_errors(fn):
+    """Turn a UserError into one line on stderr and exit code 2 (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"distmlp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """distmlp: train a small MLP data-parallel on Ray, locally or on a cluster."""
+
+
+def _register():
+    from distmlp.cli import data_cmd  # noqa: F401  (each module adds its commands to app)
+
+
+_register()

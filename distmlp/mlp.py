@@ -1,0 +1,105 @@
+"""The model: a ReLU MLP as pure functions on NumPy arrays.
+
+Parameters are a dict {"W1", "b1", ..., "WL", "bL"} with W of shape (out, in), the seed
+notebook's `weights[out][in]` layout. Gradients come back keyed like the parameters and
+summed (not averaged) over the examples given, so partial sums from several workers can be
+added and divided once by the total count.
+"""
+
+import numpy as np
+
+DEFAULT_SIZES = (784, 16, 16, 10)
+
+
+def param_names(n_layers):
+    """["W1", "b1", "W2", "b2", ...] for a model with n_layers weight layers."""
+    return [f"{kind}{i}" for i in range(1, n_layers + 1) for kind in ("W", "b")]
+
+
+def init_params(sizes, rng, dtype=np.float32):
+    """He initialisation as in the seed: W ~ N(0, sqrt(2 / fan_in)), biases zero."""
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        std = np.sqrt(2.0 / fan_in)
+        params[f"W{i}"] = rng.normal(0.0, std, size=(fan_out, fan_in)).astype(dtype)
+        params[f"b{i}"] = np.zeros(fan_out, dtype=dtype)
+    return params
+
+
+def layer_sizes(params):
+    """The layer widths, input first, read off the weight shapes."""
+    n_layers = len(params) // 2
+    sizes = [params["W1"].shape[1]]
+    sizes += [params[f"W{i}"].shape[0] for i in range(1, n_layers + 1)]
+    return tuple(sizes)
+
+
+def scale_pixels(x_uint8, dtype=np.float32):
+    """uint8 pixels -> floats in [0, 1], the seed's `pixel / 255.0`."""
+    return x_uint8.astype(dtype) / dtype(255)
+
+
+def forward(params, x):
+    """x: (B, in) floats -> (logits (B, out), cache of the activations)."""
+    n_layers = len(params) // 2
+    activations = [x]
+    a = x
+    for i in range(1, n_layers + 1):
+        z = a @ params[f"W{i}"].T + params[f"b{i}"]  # (B, out_i)
+        a = z if i == n_layers else np.maximum(z, 0)
+        activations.append(a)
+    return a, activations
+
+
+def softmax(logits):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def xent_loss_and_dlogits(logits, labels):
+    """Softmax cross-entropy summed over the batch, and its gradient per example.
+
+    dlogits is the seed's `output - one_hot(label)`, one row per example (not averaged).
+    """
+    shifted = logits - logits.max(axis=1, keepdims=True)  # (B, out)
+    log_z = np.log(np.exp(shifted).sum(axis=1))  # (B,)
+    rows = np.arange(len(labels))
+    loss_sum = float(np.sum(log_z - shifted[rows, labels]))
+    dlogits = softmax(logits)
+    dlogits[rows, labels] -= 1
+    return loss_sum, dlogits
+
+
+def backward(params, cache, dlogits):
+    """Gradients of the summed loss for every weight and bias, keyed like params."""
+    n_layers = len(params) // 2
+    grads = {}
+    delta = dlogits  # (B, out_L)
+    for i in range(n_layers, 0, -1):
+        a_prev = cache[i - 1]  # (B, in_i)
+        grads[f"W{i}"] = delta.T @ a_prev  # (out_i, in_i)
+        grads[f"b{i}"] = delta.sum(axis=0)  # (out_i,)
+        if i > 1:
+            delta = (delta @ params[f"W{i}"]) * (a_prev > 0)  # (B, in_i)
+    return {name: grads[name] for name in param_names(n_layers)}
+
+
+def loss_and_grad_sums(params, x, labels):
+    """(grads summed over the batch, loss sum, count) for floats x (B, in) and int labels (B,)."""
+    logits, cache = forward(params, x)
+    loss_sum, dlogits = xent_loss_and_dlogits(logits, labels)
+    return backward(params, cache, dlogits), loss_sum, len(labels)
+
+
+def predict(params, x):
+    logits, _ = forward(params, x)
+    return logits.argmax(axis=1)
+
+
+def evaluate_sums(params, x, labels):
+    """(number correct, loss sum, count): sums, so shards can be added."""
+    logits, _ = forward(params, x)
+    loss_sum, _ = xent_loss_and_dlogits(logits, labels)
+    correct = int(np.sum(logits.argmax(axis=1) == labels))
+    return correct, loss_sum, len(labels)
