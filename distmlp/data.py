@@ -10,7 +10,9 @@ and loads only its own rows.
 """
 
 import gzip
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,12 @@ class DataSource:
 
 # ---------------------------------------------------------------------------------- IDX
 
+# Deflate cannot expand data more than 1032:1, so a .gz file of C bytes holds at most
+# MAX_GZIP_RATIO * C bytes: a header declaring more is refused before reading anything.
+MAX_GZIP_RATIO = 1032
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+_ROLES = {IMAGES_MAGIC: ("images", 3), LABELS_MAGIC: ("labels", 1)}
+
 
 def _open(path):
     path = str(path)
@@ -69,103 +77,115 @@ def _open(path):
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected an IDX file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
+def _read_upto(f, n, path, what):
+    """Up to n bytes, read in bounded chunks so memory follows the data, not the request."""
+    out = bytearray()
+    try:
+        while len(out) < n:
+            chunk = f.read(min(_CHUNK, n - len(out)))
+            if not chunk:
+                break
+            out += chunk
+    except _READ_ERRORS as e:
+        raise DataError(f"{path}: cannot read {what}: {e}") from None
+    return out
 
 
 def _read_exact(f, n, path, what):
-    """Read exactly n bytes in bounded chunks; a short read is a DataError, never a huge alloc."""
-    parts, got = [], 0
-    try:
-        while got < n:
-            chunk = f.read(min(_CHUNK, n - got))
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read {what}: {e}") from None
-    if got < n:
-        raise DataError(f"{path}: {what} is short: expected {n} bytes, found {got}")
-    return b"".join(parts)
+    """Exactly n bytes; a short read is a DataError, never a huge allocation."""
+    out = _read_upto(f, n, path, what)
+    if len(out) < n:
+        raise DataError(f"{path}: {what} is short: expected {n} bytes, found {len(out)}")
+    return out
 
 
-def _read_header(f, path, magic, ndim):
-    """Parse and check the IDX header; returns the declared dimensions as Python ints."""
-    head = _read_exact(f, 4, path, "header")
+def _read_header(f, path, magic):
+    """Parse and check the IDX header for its role; returns the declared dimensions."""
+    role, ndim = _ROLES[magic]
+    head = _read_upto(f, 4, path, "header")
+    if not head:
+        raise DataError(f"{path}: empty file, expected an IDX {role} file")
+    if len(head) < 4:
+        raise DataError(f"{path}: header is short: expected 4 bytes, found {len(head)}")
     if head[0] != 0 or head[1] != 0:
         raise DataError(f"{path}: not an IDX file (first bytes {head.hex()})")
-    found = int.from_bytes(head, "big")
     if head[2] != UNSIGNED_BYTE:
         raise DataError(f"{path}: element type 0x{head[2]:02x} is not unsigned byte (0x08)")
-    if found != magic:
-        role = "images" if magic == IMAGES_MAGIC else "labels"
-        raise DataError(f"{path}: magic number {found}, expected {magic} for {role} "
-                        f"({head[3]} dimensions, expected {ndim})")
-    dims_bytes = _read_exact(f, 4 * ndim, path, "header")
-    return [int.from_bytes(dims_bytes[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+    if head[3] != ndim:
+        found = int.from_bytes(head, "big")
+        if found in _ROLES:
+            raise DataError(f"{path}: magic {found} is an IDX {_ROLES[found][0]} file, "
+                            f"expected {role} (magic {magic}); are the files swapped?")
+        raise DataError(f"{path}: {head[3]} dimensions, expected {ndim} for an IDX {role} file")
+    raw = _read_exact(f, 4 * ndim, path, "header")
+    dims = [int.from_bytes(raw[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+    if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
+        raise DataError(f"{path}: image size {dims[1]}x{dims[2]} is empty")
+    return dims
 
 
 def _check_size(path, header_bytes, payload):
-    """For an uncompressed file, compare the declared payload with the file size up front."""
+    """Compare the declared payload with what the file can hold, in Python integers, before reading."""
+    size = os.path.getsize(path)
     if str(path).endswith(".gz"):
+        if header_bytes + payload > MAX_GZIP_RATIO * size:
+            raise DataError(f"{path}: header declares {payload} bytes of payload, more than a "
+                            f"{size}-byte gzip file can hold")
         return
-    actual = os.path.getsize(path) - header_bytes
+    actual = size - header_bytes
     if actual < payload:
         raise DataError(f"{path}: payload is short: header declares {payload} bytes, file has {actual}")
     if actual > payload:
         raise DataError(f"{path}: {actual - payload} trailing bytes after the declared payload")
 
 
-def _skip(f, n, path, what):
-    if n == 0:
-        return
-    if hasattr(f, "seekable") and f.seekable() and not isinstance(f, gzip.GzipFile):
-        f.seek(n, os.SEEK_CUR)
-    else:
+def _skip(f, n, path):
+    if isinstance(f, gzip.GzipFile):
         while n:
-            got = len(_read_exact(f, min(_CHUNK, n), path, what))
-            n -= got
+            n -= len(_read_exact(f, min(_CHUNK, n), path, "payload"))
+    elif n:
+        f.seek(n, os.SEEK_CUR)
+
+
+def _open_checked(f, path, magic):
+    """The dimensions in an open IDX file's header, checked against the file size."""
+    dims = _read_header(f, path, magic)
+    _check_size(path, 4 + 4 * len(dims), math.prod(dims))
+    return dims
 
 
 def read_idx(path, magic, start=0, stop=None):
     """Rows [start, stop) of an IDX file of unsigned bytes, validated; (rows, row_size) uint8.
 
-    Reads the whole remaining file to check there are no trailing bytes only when the
-    range reaches the end; the declared size is checked against the real one before any
-    allocation, in Python integers.
+    A .gz file is checked for trailing bytes only when the range reaches its end (one byte
+    past the declared payload is read, never the rest of the stream).
     """
-    ndim = 3 if magic == IMAGES_MAGIC else 1
     with _open(path) as f:
-        dims = _read_header(f, path, magic, ndim)
-        n = dims[0]
-        row = 1
-        for d in dims[1:]:
-            row *= d
-        _check_size(path, 4 + 4 * ndim, n * row)
+        n, *shape = _open_checked(f, path, magic)
+        row = math.prod(shape)
         stop = n if stop is None else stop
         if not 0 <= start <= stop <= n:
             raise DataError(f"{path}: rows [{start}, {stop}) outside the {n} rows it holds")
-        _skip(f, start * row, path, "payload")
+        _skip(f, start * row, path)
         payload = _read_exact(f, (stop - start) * row, path, "payload")
-        if stop == n:
-            try:
-                extra = f.read(1)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise DataError(f"{path}: cannot read payload: {e}") from None
-            if extra:
-                raise DataError(f"{path}: trailing bytes after the declared payload")
+        if stop == n and _read_upto(f, 1, path, "payload"):
+            raise DataError(f"{path}: trailing bytes after the declared payload")
     return np.frombuffer(payload, dtype=np.uint8).reshape(stop - start, row)
+
+
+def idx_dims(path, magic):
+    """The dimensions an IDX file declares, checked against its size (reads the header only)."""
+    with _open(path) as f:
+        return _open_checked(f, path, magic)
 
 
 def idx_count(path, magic):
     """The number of items an IDX file declares (reads the header only)."""
-    ndim = 3 if magic == IMAGES_MAGIC else 1
-    with _open(path) as f:
-        dims = _read_header(f, path, magic, ndim)
-        row = 1
-        for d in dims[1:]:
-            row *= d
-        _check_size(path, 4 + 4 * ndim, dims[0] * row)
-    return dims[0]
+    return idx_dims(path, magic)[0]
 
 
 def read_images(path, start=0, stop=None):
@@ -174,11 +194,16 @@ def read_images(path, start=0, stop=None):
 
 def read_labels(path, start=0, stop=None, num_classes=NUM_CLASSES):
     labels = read_idx(path, LABELS_MAGIC, start, stop).reshape(-1)
+    check_labels(labels, path, start, num_classes)
+    return labels
+
+
+def check_labels(labels, where, start=0, num_classes=NUM_CLASSES):
+    """Refuse a label outside 0..num_classes-1, naming where it is."""
     bad = np.flatnonzero(labels >= num_classes)
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"{path}: label {labels[i]} at index {start + i} is outside 0..{num_classes - 1}")
-    return labels
+        raise DataError(f"{where}: label {labels[i]} at index {start + i} is outside 0..{num_classes - 1}")
 
 
 # ---------------------------------------------------------------------- data sets
@@ -201,6 +226,8 @@ def idx_split(images, labels, offset=0, count=None):
     if n_images != n_labels:
         raise DataError(f"{images}: {n_images} images but {labels} has {n_labels} labels")
     count = n_images - offset if count is None else count
+    if not (0 <= offset and 0 <= count and offset + count <= n_images):
+        raise DataError(f"{images}: rows [{offset}, {offset + count}) outside the {n_images} rows it holds")
     return Split("idx", str(images), str(labels), offset, count)
 
 
@@ -222,7 +249,7 @@ def bundled_sample():
     labels = directory / "t10k-labels-idx1-ubyte.gz"
     total = idx_split(images, labels)
     train = Split("idx", str(images), str(labels), 0, SAMPLE_TRAIN_ROWS)
-    test = Split("idx", str(images), str(labels), SAMPLE_TRAIN_ROWS, total.count - SAMPLE_TRAIN_ROWS)
+    test = idx_split(images, labels, SAMPLE_TRAIN_ROWS, total.count - SAMPLE_TRAIN_ROWS)
     return DataSource("mnist-sample", train, test)
 
 
@@ -256,9 +283,29 @@ def resolve(dataset=None, path=None):
     raise DataError(f"unknown data set {dataset!r}; known: {', '.join(DATASETS)} (or pass --data DIR)")
 
 
+def image_shape(split):
+    """(rows, cols) of one image in a split."""
+    if split.kind == "parquet":
+        from distmlp import shards
+        return shards.image_shape(split)
+    return tuple(idx_dims(split.images, IMAGES_MAGIC)[1:])
+
+
+def describe(source):
+    """Counts, image shape and label histogram of each split, as plain JSON-able values."""
+    out = {"name": source.name}
+    for name, split in (("train", source.train), ("test", source.test)):
+        _, labels = load_rows(split)
+        out[name] = {"count": split.count, "image_shape": list(image_shape(split)),
+                     "labels": np.bincount(labels, minlength=NUM_CLASSES).tolist()}
+    return out
+
+
 def load_rows(split, start=0, stop=None):
     """Rows [start, stop) of a split: (images uint8 (n, 784), labels uint8 (n,))."""
     stop = split.count if stop is None else stop
+    if not 0 <= start <= stop <= split.count:
+        raise DataError(f"{split.images}: rows [{start}, {stop}) outside the split's {split.count} rows")
     if split.kind == "parquet":
         from distmlp import shards
         return shards.load_rows(split, start, stop)

@@ -1,8 +1,8 @@
 """`distmlp data ...`: inspect, download and convert data sets."""
 
+import json
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
 from distmlp import data
@@ -18,19 +18,26 @@ DatasetName = Annotated[Optional[str], typer.Option("--dataset", help="A named d
 def resolve_source(data_dir, dataset):
     if data_dir is None and dataset is None:
         raise data.DataError("give --data DIR or --dataset NAME (mnist-sample, mnist)")
+    if data_dir is not None and dataset is not None:
+        raise data.DataError("give either --data or --dataset, not both")
     return data.resolve(dataset=dataset, path=data_dir)
 
 
 @data_app.command("info")
 @user_errors
-def info(data_dir: DataDir = None, dataset: DatasetName = None):
+def info(data_dir: DataDir = None, dataset: DatasetName = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False):
     """Counts, shapes and label histogram of a data set.
 
     Example: distmlp data info --dataset mnist-sample
     """
-    source = resolve_source(data_dir, dataset)
-    typer.echo(f"data set {source.name}")
-    for name, split in (("train", source.train), ("held-out", source.test)):
-        x, y = data.load_rows(split)
-        hist = " ".join(str(c) for c in np.bincount(y, minlength=data.NUM_CLASSES))
-        typer.echo(f"  {name:8s} {len(y):6d} images of {x.shape[1]} pixels | labels 0-9: {hist}")
+    summary = data.describe(resolve_source(data_dir, dataset))
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"data set {summary['name']}")
+    for name in ("train", "test"):
+        split = summary[name]
+        shape = "x".join(str(d) for d in split["image_shape"])
+        hist = " ".join(str(c) for c in split["labels"])
+        typer.echo(f"  {name:5s} {split['count']:6d} images of {shape} | labels 0-9: {hist}")
