@@ -96,8 +96,9 @@ class JobConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig)}
 
 
-def load_job(path=None, overrides=()):
-    """JobConfig from a TOML file (or defaults when path is None) plus `a.b=v` overrides."""
+def load_job(path=None, overrides=(), updates=None):
+    """JobConfig from a TOML file (or defaults when path is None), `a.b=v` overrides, then
+    updates {"section.key": value} (None removes the key, restoring its default)."""
     raw = {}
     if path is not None:
         try:
@@ -113,6 +114,12 @@ def load_job(path=None, overrides=()):
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"{section}: must be a table")
         raw.setdefault(section, {})[name] = value
+    for key, value in (updates or {}).items():
+        section, name = key.split(".")
+        if value is None:
+            raw.get(section, {}).pop(name, None)
+        else:
+            raw.setdefault(section, {})[name] = value
     return job_from_dict(raw, source=str(path) if path else "job")
 
 

@@ -48,7 +48,9 @@ def main(
 
 
 def _register():
-    from distmlp.cli import data_cmd  # noqa: F401  (each module adds its commands to app)
+    # each module adds its commands to app
+    from distmlp.cli import data_cmd, train_cmd  # noqa: F401
+    from distmlp.cli import checkpoint_cmd  # noqa: F401
 
 
 _register()

@@ -1,0 +1,75 @@
+"""`distmlp train`: run a job on embedded Ray or on a cluster."""
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from distmlp import config
+from distmlp.cli import app, user_errors
+
+Opt = typer.Option
+
+
+def job_updates(data_dir=None, dataset=None, workers=None, optimizer=None, lr=None, batch_size=None,
+                epochs=None, steps=None, seed=None, address=None, run_dir=None):
+    """The {"section.key": value} updates the shortcut options make (None: option not given)."""
+    updates = {}
+    if data_dir is not None:
+        updates.update({"data.path": data_dir, "data.dataset": None})
+    if dataset is not None:
+        updates.update({"data.dataset": dataset, "data.path": None})
+    if epochs is not None:
+        updates.update({"run.epochs": epochs, "run.steps": None})
+    if steps is not None:
+        updates["run.steps"] = steps
+    for key, value in (("cluster.workers", workers), ("optimizer.name", optimizer), ("optimizer.lr", lr),
+                       ("optimizer.batch_size", batch_size), ("run.seed", seed),
+                       ("cluster.address", address), ("run.run_dir", run_dir)):
+        if value is not None:
+            updates[key] = value
+    return updates
+
+
+@app.command()
+@user_errors
+def train(
+    job_file: Annotated[Optional[str], typer.Argument(metavar="[JOB.toml]", help="Job file (TOML).")] = None,
+    data_dir: Annotated[Optional[str], Opt("--data", help="IDX directory or Parquet shards (path or URI).")] = None,
+    dataset: Annotated[Optional[str], Opt("--dataset", help="mnist-sample (bundled) or mnist (downloaded).")] = None,
+    workers: Annotated[Optional[int], Opt("--workers", help="Worker actors, one shard each.")] = None,
+    optimizer: Annotated[Optional[str], Opt("--optimizer", help="sgd | minibatch | gd.")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", help="Learning rate (default: the seed's).")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", help="Global minibatch size.")] = None,
+    epochs: Annotated[Optional[int], Opt("--epochs", help="Passes over the training split.")] = None,
+    steps: Annotated[Optional[int], Opt("--steps", help="Optimizer steps (wins over --epochs).")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", help="Seed for weights and sampling.")] = None,
+    address: Annotated[Optional[str], Opt("--address", help="Ray cluster to join ('auto' or host:port); "
+                                          "default: start an embedded local Ray.")] = None,
+    run_dir: Annotated[Optional[str], Opt("--run-dir", help="Run directory (default runs/<time>-<name>).")] = None,
+    set_: Annotated[Optional[list[str]], Opt("--set", help="Override a job key: section.key=value (repeatable).")] = None,
+    resume: Annotated[Optional[str], Opt("--resume", help="Continue RUN_DIR from its newest valid checkpoint.")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON summary as the last line of stdout.")] = False,
+):
+    """Train a job on Ray (embedded local Ray unless --address is given).
+
+    Example: distmlp train jobs/quickstart.toml
+    """
+    updates = job_updates(data_dir, dataset, workers, optimizer, lr, batch_size, epochs, steps, seed,
+                          address, run_dir)
+    if resume is not None:
+        if job_file or set_ or set(updates) - {"cluster.address"}:
+            raise config.ConfigError("--resume takes the job saved in the run directory; "
+                                     "only --address and --json may go with it")
+        job = None
+    else:
+        job = config.load_job(job_file, set_ or (), updates)
+    echo = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
+    summary = run_training(job, resume=resume, json_mode=as_json, echo=echo, address=address)
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+def run_training(job, resume=None, json_mode=False, echo=print, address=None):
+    from distmlp import driver
+    return driver.run_job(job, resume=resume, json_mode=json_mode, echo=echo, address=address)

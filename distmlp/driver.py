@@ -1,0 +1,221 @@
+"""The Ray driver: starts the worker actors, sums their partial results, runs the job.
+
+One step: the driver puts the weights in the object store once, sends the reference and each
+worker's share of the step's examples, adds the returned gradient sums in rank order (so the
+result is deterministic) and hands them to the training loop, which divides by the total count
+and updates. 1 worker and N workers run this same code.
+"""
+
+import logging
+import os
+import time
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distmlp import data, optim, trainer
+from distmlp.errors import UserError
+from distmlp.worker import BLAS_ENV, RemoteShardWorker
+
+log = logging.getLogger("distmlp")
+
+
+class ClusterError(UserError):
+    """Ray could not be reached or could not place the workers."""
+
+
+class WorkerFailure(RuntimeError):
+    """Workers failed more often than cluster.max_failures allows."""
+
+
+def connect(address=None, num_cpus=None):
+    """Join a cluster (address or "auto"), or start an embedded local Ray; True if we started it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    quiet = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
+        return False
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             _node_ip_address="127.0.0.1", **quiet)
+    return True
+
+
+class RayBackend:
+    """Worker actors, one shard each, placed by a placement group."""
+
+    def __init__(self, source, job):
+        c = job.cluster
+        self.workers = c.workers
+        self.n_train, self.n_test = source.train.count, source.test.count
+        if self.n_train < c.workers:
+            raise UserError(f"cluster.workers: {c.workers} workers for only {self.n_train} training examples")
+        self.train_bounds = data.shard_bounds(self.n_train, c.workers)
+        self.test_bounds = data.shard_bounds(self.n_test, c.workers)
+        self.starts = np.array([lo for lo, _ in self.train_bounds])
+        self.timeout = c.step_timeout_s
+        self.failures_left = c.max_failures
+        self.pg = placement_group([{"CPU": c.cpus_per_worker}] * c.workers, strategy=c.placement)
+        if not self._wait(self.pg.ready(), 60):
+            remove_placement_group(self.pg)
+            raise ClusterError(f"cannot place {c.workers} workers of {c.cpus_per_worker} CPU each "
+                               f"({c.placement}); cluster resources: {ray.cluster_resources()}")
+        self.actors = [self._start(rank, source, job.model.dtype) for rank in range(c.workers)]
+        self.worker_info = ray.get([a.info.remote() for a in self.actors])
+
+    @staticmethod
+    def _wait(ref, timeout):
+        ready, _ = ray.wait([ref], timeout=timeout)
+        return bool(ready)
+
+    def _start(self, rank, source, dtype):
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+        return RemoteShardWorker.options(
+            num_cpus=self.pg.bundle_specs[rank]["CPU"], scheduling_strategy=strategy,
+            max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": BLAS_ENV},
+            name=None,
+        ).remote(rank, source, self.train_bounds[rank], self.test_bounds[rank], dtype)
+
+    def nodes(self):
+        return sorted({info["node_id"] for info in self.worker_info})
+
+    def _split(self, batch):
+        """{rank: local indices} for a batch of global indices (None: every worker, whole shard)."""
+        if batch is None:
+            return {rank: None for rank in range(self.workers)}
+        owner = np.searchsorted(self.starts, batch, side="right") - 1
+        return {rank: batch[owner == rank] - self.starts[rank]
+                for rank in range(self.workers) if np.any(owner == rank)}
+
+    def grad_sums(self, params, batch, step):
+        params_ref = ray.put(params)
+        shares = self._split(batch)
+        results = self._call({rank: ("grad_sums", (params_ref, idx, step)) for rank, idx in shares.items()})
+        total, loss_sum, count, compute_s, bad = None, 0.0, 0, 0.0, None
+        for rank in sorted(results):
+            tag, grads, part_loss, part_count, part_s = results[rank]
+            if tag != step:
+                raise RuntimeError(f"worker {rank} answered step {tag} during step {step}")
+            if bad is None and not _finite(grads, part_loss):
+                bad = f"{rank} (pid {self.worker_info[rank]['pid']})"
+            total = {k: g.copy() for k, g in grads.items()} if total is None else optim.add_into(total, grads)
+            loss_sum += part_loss
+            count += part_count
+            compute_s = max(compute_s, part_s)
+        return trainer.StepResult(total, loss_sum, count, compute_s, bad)
+
+    def evaluate(self, params):
+        params_ref = ray.put(params)
+        results = self._call({rank: ("evaluate", (params_ref,)) for rank in range(self.workers)})
+        correct = sum(r[0] for r in results.values())
+        loss_sum = sum(results[rank][1] for rank in sorted(results))
+        return correct, loss_sum, sum(r[2] for r in results.values())
+
+    def _call(self, calls):
+        """Run {rank: (method, args)} on the workers; on a failure, restart and run them all again.
+
+        Results are pure functions of (weights, indices), so running a step again after a
+        failure gives the same bits, and nothing is applied until every worker has answered.
+        """
+        while True:
+            refs = {rank: getattr(self.actors[rank], m).remote(*args) for rank, (m, args) in calls.items()}
+            try:
+                values = ray.get(list(refs.values()), timeout=self.timeout)
+                return dict(zip(refs, values))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                    ray.exceptions.ObjectLostError) as e:
+                self._on_failure(refs, e)
+
+    def _on_failure(self, refs, error):
+        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+        failed = [rank for rank, ref in refs.items() if ref in pending or _raises(ref)]
+        what = "timed out" if isinstance(error, ray.exceptions.GetTimeoutError) else "died"
+        for rank in failed:
+            if self.failures_left == 0:
+                raise WorkerFailure(f"worker {rank} {what}; no failures left "
+                                    f"(cluster.max_failures spent)") from None
+            if self.failures_left > 0:
+                self.failures_left -= 1
+            log.warning("worker %d %s; restarting it and recomputing the step (%s failures left)",
+                        rank, what, "unlimited" if self.failures_left < 0 else self.failures_left)
+            ray.kill(self.actors[rank], no_restart=False)
+        self.worker_info = ray.get([a.info.remote() for a in self.actors], timeout=120)
+
+    def close(self):
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.pg)
+
+
+def _finite(grads, loss):
+    return np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
+
+
+def _raises(ref):
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:
+        return True
+
+
+def default_run_dir(job):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{stamp}-{job.run.name}")
+
+
+def run_job(job, resume=None, json_mode=False, echo=print, address=None):
+    """Train job on Ray (embedded, or the cluster at cluster.address); returns the summary dict.
+
+    resume: a run directory; training continues from its newest valid checkpoint with the
+    job saved there. Nothing is written until the data set resolved and the workers started.
+    """
+    from distmlp import checkpoint, config, metrics
+
+    t0 = time.perf_counter()
+    state = None
+    if resume is not None:
+        path, ckpt = checkpoint.latest_valid(resume)
+        job, state = ckpt.job, checkpoint.to_train_state(ckpt)
+        if address is not None:
+            job = config.replace(job, cluster={"address": address})
+        run_dir = str(resume)
+        echo(f"resuming {run_dir} from {path} (step {state.step})")
+    else:
+        run_dir = job.run.run_dir or default_run_dir(job)
+        if os.path.exists(run_dir) and os.listdir(run_dir):
+            raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir})")
+    source = data.resolve(job.data.dataset, job.data.path)
+    trainer.make_sampler(job, source.train.count)  # refuses a batch larger than the data set
+    if job.optimizer.name == "sgd" and job.cluster.workers > 1:
+        echo("note: sgd updates after every example, so more workers add no speed (only shards the data)")
+    started = connect(job.cluster.address)
+    backend = None
+    try:
+        backend = RayBackend(source, job)
+        nodes = len(backend.nodes())
+        echo(f"{job.cluster.workers} workers on {nodes} node(s) | {job.optimizer.name} "
+             f"lr {job.optimizer.learning_rate} | {source.name}: {backend.n_train} train, {backend.n_test} held out")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "job.toml"), "w") as f:
+            f.write(config.to_toml(job))
+        ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
+        hooks = [metrics.Progress(job.run.log_every, quiet=json_mode, echo=echo),
+                 metrics.MetricsWriter(run_dir), ckpt_hook]
+        state = trainer.train(job, backend, state, hooks)
+    finally:
+        if backend is not None:
+            backend.close()
+        if started:
+            ray.shutdown()
+    m = state.metrics
+    return {"run_dir": run_dir, "checkpoint": ckpt_hook.last_path, "workers": job.cluster.workers,
+            "optimizer": job.optimizer.name, "steps": state.step, "epochs": m.get("epoch"),
+            "train_loss": m.get("train_loss"), "test_loss": m.get("test_loss"),
+            "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0}

@@ -1,0 +1,81 @@
+"""The Ray engine equals the single-process trainer.
+
+Tolerance: the engine adds per-worker partial sums in a different order than one matmul over
+the whole batch, so float32 results differ by rounding only: a few ulp per step, growing
+slowly over steps. (Even 1 worker is not bit-identical to the in-process trainer:
+the worker runs BLAS on one thread, the test process on several, which changes the order of
+the sums inside a matmul.) After a handful of steps |diff| <= 1e-5 absolute + 1e-4 relative is far
+below any real change (one update moves weights by ~lr * grad ~ 1e-3) and far above rounding.
+"""
+
+import numpy as np
+import pytest
+
+from distmlp import config, data, driver, trainer
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def job_for(optimizer, workers, **run):
+    overrides = [f"optimizer.name={optimizer!r}".replace("'", '"'), f"cluster.workers={workers}",
+                 "cluster.cpus_per_worker=0.5", "run.seed=3"]
+    if optimizer == "minibatch":
+        overrides.append("optimizer.lr=0.1")
+    job = config.load_job(None, overrides)
+    return config.replace(job, run=run)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return data.resolve("mnist-sample")
+
+
+@pytest.fixture(scope="module")
+def local(source):
+    return trainer.LocalBackend(source)
+
+
+def run_ray(job, source):
+    backend = driver.RayBackend(source, job)
+    try:
+        return trainer.train(job, backend), backend
+    finally:
+        backend.close()
+
+
+CASES = [("gd", {"steps": 3}), ("minibatch", {"steps": 25}), ("sgd", {"steps": 40})]
+
+
+@pytest.mark.parametrize("optimizer,run", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_ray_equals_single_process(ray_session, source, local, optimizer, run, workers):
+    job = job_for(optimizer, workers, **run)
+    expected = trainer.train(job, local)
+    got, _ = run_ray(job, source)
+    assert got.step == expected.step
+    for name in expected.params:
+        np.testing.assert_allclose(got.params[name], expected.params[name], rtol=RTOL, atol=ATOL, err_msg=name)
+    assert got.metrics["test_accuracy"] == pytest.approx(expected.metrics["test_accuracy"], abs=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "minibatch"])
+def test_repeated_runs_bit_identical(ray_session, source, optimizer):
+    job = job_for(optimizer, 3, steps=5)
+    first, _ = run_ray(job, source)
+    second, _ = run_ray(job, source)
+    for name in first.params:
+        assert np.array_equal(first.params[name], second.params[name]), name
+
+
+def test_minibatch_indices_go_to_their_owner(ray_session, source):
+    job = job_for("minibatch", 3, steps=1)
+    backend = driver.RayBackend(source, job)
+    try:
+        batch = np.array([0, 2666, 2667, 5333, 5334, 7999, 4000])
+        shares = backend._split(batch)
+        assert {r: list(v) for r, v in shares.items()} == {0: [0, 2666], 1: [0, 2666, 1333], 2: [0, 2665]}
+        infos = backend.worker_info
+        assert [i["n_train"] for i in infos] == [2667, 2667, 2666]
+        assert [i["n_test"] for i in infos] == [667, 667, 666]
+    finally:
+        backend.close()
