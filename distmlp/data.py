@@ -294,6 +294,9 @@ def image_shape(split):
 def describe(source):
     """Counts, image shape and label histogram of each split, as plain JSON-able values."""
     out = {"name": source.name}
+    if source.train.kind == "parquet":
+        from distmlp import shards
+        out["verified_files"] = shards.verify(source.train.images)
     for name, split in (("train", source.train), ("test", source.test)):
         _, labels = load_rows(split)
         out[name] = {"count": split.count, "image_shape": list(image_shape(split)),

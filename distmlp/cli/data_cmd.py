@@ -41,3 +41,20 @@ def info(data_dir: DataDir = None, dataset: DatasetName = None,
         shape = "x".join(str(d) for d in split["image_shape"])
         hist = " ".join(str(c) for c in split["labels"])
         typer.echo(f"  {name:5s} {split['count']:6d} images of {shape} | labels 0-9: {hist}")
+
+
+@data_app.command("convert")
+@user_errors
+def convert(out: Annotated[str, typer.Option("-o", "--out", help="New directory for the shards.")],
+            shards: Annotated[int, typer.Option("--shards", help="Parquet files per split.")] = 1,
+            data_dir: DataDir = None, dataset: DatasetName = None,
+            row_group: Annotated[int, typer.Option("--row-group", help="Rows per Parquet row group.")] = 4096):
+    """Write a data set as Parquet shards (N files per split) plus manifest.json.
+
+    Example: distmlp data convert --dataset mnist-sample --shards 4 -o shards/mnist-sample
+    """
+    from distmlp import shards as shard_files
+    manifest = shard_files.convert(resolve_source(data_dir, dataset), out, shards, row_group)
+    for name, split in manifest["splits"].items():
+        typer.echo(f"{name}: {split['rows']} rows in {len(split['files'])} files")
+    typer.echo(f"wrote {out}")

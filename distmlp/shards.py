@@ -1,0 +1,308 @@
+"""Parquet shards: a data set as N files per split plus a manifest, read by row range from any filesystem.
+
+    OUT/manifest.json                  format, version, image shape, per split: files, rows, sha256
+    OUT/train-00000-of-00003.parquet   pixels fixed_size_list<uint8>[784], label uint8
+    OUT/test-00000-of-00003.parquet    ...
+
+Pixels are a fixed-size list of uint8 rather than a binary column: the schema itself fixes the
+row length and the element type, any Arrow tool reads them as integers, and flattening a chunk
+to a (n, 784) array is zero-copy. Pages carry CRCs, checked on read, so a flipped byte in the
+rows a worker reads is caught without hashing whole files (the manifest's sha256s are checked
+by `verify`).
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from distmlp import data
+from distmlp.data import DataError
+
+FORMAT = "distmlp-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+ROW_GROUP = 4096  # rows per row group: 3.2 MB of pixels, the unit a reader fetches
+_MAX_MANIFEST = 1 << 20
+_ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, EOFError, NotImplementedError,
+                 MemoryError, IndexError, KeyError, OverflowError)
+
+
+@contextmanager
+def _reading(where):
+    """Turn anything pyarrow raises about a bad file into one DataError line naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except _ARROW_ERRORS as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{where}: {first}") from None
+
+
+def schema(pixels):
+    return pa.schema([pa.field("pixels", pa.list_(pa.uint8(), pixels), nullable=False),
+                      pa.field("label", pa.uint8(), nullable=False)])
+
+
+# ------------------------------------------------------------------------------ write
+
+
+def convert(source, out, n_shards, row_group=ROW_GROUP):
+    """Write source's train and test splits as n_shards Parquet files each under out; returns the manifest.
+
+    Everything is written into a temporary sibling directory that is renamed to out at the end,
+    so an interrupted conversion leaves nothing under out.
+    """
+    out = Path(out)
+    if "://" in str(out):
+        raise DataError(f"{out}: convert writes a local directory; copy it to object storage afterwards")
+    if out.exists():
+        raise DataError(f"{out}: already exists; choose a new output directory")
+    if n_shards < 1 or row_group < 1:
+        raise DataError(f"--shards {n_shards} and row group {row_group} must be at least 1")
+    for name in SPLITS:
+        if n_shards > getattr(source, name).count:
+            raise DataError(f"--shards {n_shards} is more than the {getattr(source, name).count} rows "
+                            f"of split {name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; shards are meant to be shared
+        manifest = {"format": FORMAT, "version": VERSION, "name": source.name, "splits": {}}
+        for name in SPLITS:
+            split = getattr(source, name)
+            shape = data.image_shape(split)
+            manifest["image_shape"] = list(shape)
+            manifest["splits"][name] = _write_split(tmp, name, split, n_shards, row_group)
+        _write_json(tmp / MANIFEST, manifest)
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_split(directory, name, split, n_shards, row_group):
+    files = []
+    for i, (a, b) in enumerate(data.shard_bounds(split.count, n_shards)):
+        x, y = data.load_rows(split, a, b)  # (n, 784), (n,)
+        file_name = f"{name}-{i:05d}-of-{n_shards:05d}.parquet"
+        path = directory / file_name
+        _write_shard(path, x, y, row_group)
+        files.append({"name": file_name, "rows": b - a, "sha256": _sha256(path)})
+    return {"rows": split.count, "files": files}
+
+
+def _write_shard(path, x, y, row_group):
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    table = pa.Table.from_arrays([pixels, pa.array(y)], schema=schema(x.shape[1]))
+    with open(path, "wb") as f:
+        pq.write_table(table, f, row_group_size=row_group, compression="zstd",
+                       write_statistics=["label"], write_page_checksum=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- read
+
+
+def _filesystem(uri):
+    """(pyarrow FileSystem, base path) for a local path or a URI (file://, s3://, gs://, ...)."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    with _reading(uri):
+        return pafs.FileSystem.from_uri(uri)
+
+
+def read_manifest(uri):
+    """The checked manifest of a shard directory."""
+    fs, base = _filesystem(uri)
+    where = f"{uri.rstrip('/')}/{MANIFEST}"
+    with _reading(where):
+        with fs.open_input_stream(f"{base.rstrip('/')}/{MANIFEST}") as f:
+            raw = f.read(_MAX_MANIFEST + 1)
+    if len(raw) > _MAX_MANIFEST:
+        raise DataError(f"{where}: larger than {_MAX_MANIFEST} bytes, not a shard manifest")
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: not valid JSON: {e}") from None
+    _check_manifest(manifest, where)
+    return manifest
+
+
+def _is_count(v):
+    return type(v) is int and v >= 0
+
+
+def _check_manifest(m, where):
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise DataError(f"{where}: not a distmlp shard manifest (format is not {FORMAT!r})")
+    if m.get("version") != VERSION:
+        raise DataError(f"{where}: format version {m.get('version')!r}, this distmlp reads {VERSION}")
+    shape = m.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_count(d) and d > 0 for d in shape)):
+        raise DataError(f"{where}: image_shape {shape!r} is not [rows, cols]")
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or sorted(splits) != sorted(SPLITS):
+        raise DataError(f"{where}: splits must be exactly {', '.join(SPLITS)}")
+    for name, entry in splits.items():
+        files = entry.get("files") if isinstance(entry, dict) else None
+        if not isinstance(files, list) or not _is_count(entry.get("rows")):
+            raise DataError(f"{where}: split {name} needs rows and a list of files")
+        for f in files:
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and _is_count(f.get("rows"))
+                    and isinstance(f.get("sha256"), str)):
+                raise DataError(f"{where}: split {name}: file entry {f!r} needs name, rows, sha256")
+            if "/" in f["name"] or "\\" in f["name"] or f["name"].startswith("."):
+                raise DataError(f"{where}: split {name}: file name {f['name']!r} is not a plain file name")
+        if sum(f["rows"] for f in files) != entry["rows"]:
+            raise DataError(f"{where}: split {name}: file rows add up to {sum(f['rows'] for f in files)}, "
+                            f"not {entry['rows']}")
+
+
+def source(uri):
+    """A DataSource over a shard directory (local path or URI); reads only the manifest."""
+    uri = str(uri) if "://" in str(uri) else os.path.abspath(uri)
+    m = read_manifest(uri)
+    train, test = (data.Split("parquet", uri, name, 0, m["splits"][name]["rows"]) for name in SPLITS)
+    return data.DataSource(m.get("name") if isinstance(m.get("name"), str) else uri, train, test)
+
+
+def image_shape(split):
+    return tuple(read_manifest(split.images)["image_shape"])
+
+
+def load_rows(split, start, stop):
+    """Rows [start, stop) of a shard split: (uint8 (n, pixels), uint8 (n,)), reading only the
+    files and row groups that hold them."""
+    m = read_manifest(split.images)
+    where = f"{split.images.rstrip('/')}/{MANIFEST}"
+    if split.labels not in SPLITS:
+        raise DataError(f"{where}: no split {split.labels!r}")
+    entry = m["splits"][split.labels]
+    pixels = math.prod(m["image_shape"])
+    lo, hi = split.offset + start, split.offset + stop
+    if not 0 <= lo <= hi <= entry["rows"]:
+        raise DataError(f"{where}: rows [{lo}, {hi}) outside the {entry['rows']} rows of split {split.labels}")
+    fs, base = _filesystem(split.images)
+    xs, ys, first = [np.empty((0, pixels), np.uint8)], [np.empty(0, np.uint8)], 0
+    for f in entry["files"]:
+        a, b = first, first + f["rows"]
+        first = b
+        if a < hi and b > lo:
+            x, y = _read_file(fs, f"{base.rstrip('/')}/{f['name']}", f"{split.images.rstrip('/')}/{f['name']}",
+                              f["rows"], pixels, max(lo, a) - a, min(hi, b) - a)
+            xs.append(x)
+            ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _read_file(fs, path, where, rows, pixels, lo, hi):
+    """Rows [lo, hi) of one shard file, reading only the row groups that overlap them."""
+    tables = []
+    with _reading(where):
+        with fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle, page_checksum_verification=True)
+            _check_schema(pf.schema_arrow, pixels, where)
+            meta = pf.metadata
+            if meta.num_rows != rows:
+                raise DataError(f"{where}: {meta.num_rows} rows, the manifest says {rows}")
+            first = 0
+            for i in range(meta.num_row_groups):
+                n = meta.row_group(i).num_rows
+                if first < hi and first + n > lo:
+                    table = pf.read_row_group(i)
+                    if table.num_rows != n:
+                        raise DataError(f"{where}: row group {i} holds {table.num_rows} rows, declares {n}")
+                    tables.append(table.slice(max(lo - first, 0), min(hi, first + n) - max(lo, first)))
+                first += n
+            if first != rows:
+                raise DataError(f"{where}: row groups hold {first} rows, the file declares {rows}")
+        return _to_numpy(pa.concat_tables(tables) if tables else schema(pixels).empty_table(),
+                         pixels, where, lo)
+
+
+def _check_schema(found, pixels, where):
+    want = schema(pixels)
+    ok = found.names == want.names
+    if ok:
+        px, label = found.field("pixels").type, found.field("label").type
+        ok = (pa.types.is_fixed_size_list(px) and px.list_size == pixels and px.value_type == pa.uint8()
+              and label == pa.uint8())
+    if not ok:
+        got = ", ".join(f"{f.name}: {f.type}" for f in found)
+        raise DataError(f"{where}: columns ({got}), expected (pixels: fixed_size_list<uint8>[{pixels}], "
+                        f"label: uint8)")
+
+
+def _to_numpy(table, pixels, where, lo):
+    px = table.column("pixels").combine_chunks()
+    labels = table.column("label").combine_chunks()
+    flat = px.flatten()
+    if px.null_count or flat.null_count or labels.null_count or len(flat) != len(px) * pixels:
+        raise DataError(f"{where}: null or missing values in rows [{lo}, {lo + len(px)})")
+    x = flat.to_numpy(zero_copy_only=False).reshape(-1, pixels)  # (n, pixels)
+    y = labels.to_numpy(zero_copy_only=False)  # (n,)
+    data.check_labels(y, where, lo)
+    return x, y
+
+
+def verify(uri):
+    """Check every file's sha256 against the manifest (reads every byte); returns the file count."""
+    m = read_manifest(uri)
+    fs, base = _filesystem(uri)
+    count = 0
+    for entry in m["splits"].values():
+        for f in entry["files"]:
+            where = f"{uri.rstrip('/')}/{f['name']}"
+            h = hashlib.sha256()
+            with _reading(where):
+                with fs.open_input_stream(f"{base.rstrip('/')}/{f['name']}") as stream:
+                    for block in iter(lambda: stream.read(1 << 20), b""):
+                        h.update(block)
+            if h.hexdigest() != f["sha256"]:
+                raise DataError(f"{where}: sha256 {h.hexdigest()} does not match the manifest's {f['sha256']}")
+            count += 1
+    return count
