@@ -199,7 +199,7 @@ def validate(job):
              "need at least two positive widths, e.g. [784, 16, 16, 10]", list(m.sizes))
     _require(m.dtype in DTYPES, "model.dtype", f"allowed: {', '.join(DTYPES)}", m.dtype)
     _require(o.name in OPTIMIZERS, "optimizer.name", f"allowed: {', '.join(OPTIMIZERS)}", o.name)
-    _require(o.lr is None or o.lr > 0, "optimizer.lr", "must be > 0", o.lr)
+    _require(o.lr is None or 0 < o.lr < float("inf"), "optimizer.lr", "must be a finite number > 0", o.lr)
     _require(o.batch_size >= 1, "optimizer.batch_size", "must be >= 1", o.batch_size)
     _require(o.sampling in SAMPLINGS, "optimizer.sampling", f"allowed: {', '.join(SAMPLINGS)}", o.sampling)
     _require(0.0 <= o.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", o.momentum)
@@ -253,7 +253,20 @@ def _toml_value(value):
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def _toml_string(text):
+    """A TOML basic string: backslash, quote and control characters (newline, DEL, ...) escaped."""
+    out = []
+    for ch in text:
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
