@@ -58,3 +58,19 @@ def convert(out: Annotated[str, typer.Option("-o", "--out", help="New directory 
     for name, split in manifest["splits"].items():
         typer.echo(f"{name}: {split['rows']} rows in {len(split['files'])} files")
     typer.echo(f"wrote {out}")
+
+
+@data_app.command("download")
+@user_errors
+def download(dataset: Annotated[str, typer.Argument(help="The data set to fetch: mnist.")],
+             directory: Annotated[Optional[str], typer.Option(
+                 "--dir", help="Where to put the files (default: $DISTMLP_DATA/mnist or the user cache).")] = None):
+    """Fetch a data set's official files from public mirrors, md5-verified, written atomically.
+
+    Mirrors are tried in order; set DISTMLP_MNIST_MIRRORS to use others.
+    Example: distmlp data download mnist
+    """
+    from distmlp import download as fetch
+    paths = fetch.download(dataset, directory, progress=True, log=lambda line: typer.echo(line, err=True))
+    use = f"--dataset {dataset}" if directory is None else f"--data {paths[0].parent}"
+    typer.echo(f"{dataset}: {len(paths)} files in {paths[0].parent}; use it with {use}")
