@@ -51,6 +51,7 @@ def _register():
     # each module adds its commands to app
     from distmlp.cli import data_cmd, train_cmd  # noqa: F401
     from distmlp.cli import checkpoint_cmd  # noqa: F401
+    from distmlp.cli import jobs_cmd, plot_cmd  # noqa: F401
 
 
 _register()
