@@ -34,8 +34,9 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 ROW_GROUP = 4096  # rows per row group: 3.2 MB of pixels, the unit a reader fetches
 _MAX_MANIFEST = 1 << 20
-_ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, EOFError, NotImplementedError,
-                 MemoryError, IndexError, KeyError, OverflowError)
+_MAX_SIDE = 1 << 12  # image side; keeps a row's pixel count a size pyarrow and numpy accept
+_ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)  # ArrowException covers Arrow's
+# own MemoryError, TypeError, IndexError... raised for a corrupt file; plain Python ones are bugs
 
 
 @contextmanager
@@ -182,8 +183,8 @@ def _check_manifest(m, where):
     if m.get("version") != VERSION:
         raise DataError(f"{where}: format version {m.get('version')!r}, this distmlp reads {VERSION}")
     shape = m.get("image_shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_count(d) and d > 0 for d in shape)):
-        raise DataError(f"{where}: image_shape {shape!r} is not [rows, cols]")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_count(d) and 0 < d <= _MAX_SIDE for d in shape)):
+        raise DataError(f"{where}: image_shape {shape!r} is not [rows, cols] of 1..{_MAX_SIDE}")
     splits = m.get("splits")
     if not isinstance(splits, dict) or sorted(splits) != sorted(SPLITS):
         raise DataError(f"{where}: splits must be exactly {', '.join(SPLITS)}")

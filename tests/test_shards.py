@@ -161,7 +161,7 @@ def edit_manifest(copy, edit):
     (lambda m: m.update(version=2), "format version 2, this distmlp reads 1"),
     (lambda m: m.update(format="other"), "not a distmlp shard manifest"),
     (lambda m: m["splits"].pop("test"), "splits must be exactly train, test"),
-    (lambda m: m.update(image_shape=[28]), r"image_shape \[28\] is not \[rows, cols\]"),
+    (lambda m: m.update(image_shape=[28]), r"image_shape \[28\] is not \[rows, cols\] of 1..4096"),
     (lambda m: m["splits"]["train"].update(rows=9000), "file rows add up to 8000, not 9000"),
     (lambda m: m["splits"]["train"]["files"][0].update(name="../../etc/passwd"), "is not a plain file name"),
     (lambda m: m["splits"]["train"]["files"][0].update(rows=True), "needs name, rows, sha256"),
