@@ -271,6 +271,8 @@ def resolve(dataset=None, path=None):
             from distmlp import shards
             return shards.source(str(path))
         return from_directory(path)
+    if dataset is None:
+        raise DataError("no data set given: pass --data DIR or --dataset NAME (mnist-sample, mnist)")
     if dataset == "mnist-sample":
         return bundled_sample()
     if dataset == "mnist":

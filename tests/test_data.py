@@ -310,3 +310,8 @@ def test_cli_info_user_errors(args, message):
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {message}" or message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resolve_needs_something():
+    with pytest.raises(data.DataError, match="no data set given: pass --data DIR or --dataset NAME"):
+        data.resolve()

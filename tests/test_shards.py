@@ -46,8 +46,7 @@ def test_manifest_describes_the_files(converted):
         pf = pq.ParquetFile(converted / f["name"])
         assert pf.metadata.num_rows == f["rows"]
         assert [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)][0] == ROW_GROUP
-        assert str(pf.schema_arrow) == "pixels: fixed_size_list<element: uint8>[784] not null\n" \
-            "  child 0, element: uint8\nlabel: uint8 not null"
+        assert str(pf.schema_arrow) == "pixels: fixed_size_binary[784] not null\nlabel: uint8 not null"
     assert shards.verify(str(converted)) == 6
 
 
@@ -113,9 +112,9 @@ def rewrite(path, table):
 
 def small_table(pixels_type=None, label_type=pa.uint8(), extra=False, label=1, rows=2667):
     x = np.zeros((rows, 784), np.uint8)
-    px = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 784)
+    px = pa.array([bytes(784)] * rows, pa.binary(784))
     if pixels_type is not None:
-        px = px.cast(pixels_type)
+        px = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 784).cast(pixels_type)
     cols = {"pixels": px, "label": pa.array(np.full(rows, label, np.uint8)).cast(label_type)}
     if extra:
         cols["extra"] = pa.array(np.zeros(rows, np.int8))
@@ -126,11 +125,14 @@ def small_table(pixels_type=None, label_type=pa.uint8(), extra=False, label=1, r
     (lambda: small_table(extra=True), r"columns \(pixels: .*, label: uint8, extra: int8\), expected"),
     (lambda: small_table(label_type=pa.int64()), r"columns \(.*label: int64\), expected"),
     (lambda: small_table(pixels_type=pa.list_(pa.uint8())), r"columns \(pixels: list<.*\), expected"),
-    (lambda: small_table(pixels_type=pa.list_(pa.int16(), 784)), r"columns \(pixels: fixed_size_list<.*int16>"),
+    (lambda: small_table(pixels_type=pa.list_(pa.uint8(), 784)), r"columns \(pixels: fixed_size_list<.*uint8>"),
+    (lambda: small_table().set_column(0, "pixels", pa.array([bytes(783)] * 2667, pa.binary(783))),
+     r"columns \(pixels: fixed_size_binary\[783\], label: uint8\), expected \(pixels: fixed_size_binary\[784\]"),
     (lambda: small_table(label=12), r"label 12 at index 0 is outside 0..9"),
     (lambda: small_table(rows=10), r"10 rows, the manifest says 2667"),
     (lambda: small_table().select(["label", "pixels"]), r"columns \(label: uint8, pixels"),
-], ids=["extra column", "int64 labels", "variable list", "int16 pixels", "bad label", "row count", "column order"])
+], ids=["extra column", "int64 labels", "variable list", "uint8 list", "783 bytes", "bad label", "row count",
+        "column order"])
 def test_bad_shard_file_names_the_file(copy, table, message):
     path = copy / "train-00000-of-00003.parquet"
     rewrite(path, table())
@@ -147,7 +149,7 @@ def test_truncated_and_null_shards(copy):
     t = small_table()
     nulls = pa.array([None] + [1] * 2666, pa.uint8())
     rewrite(path, pa.table({"pixels": t.column("pixels"), "label": nulls}))
-    with pytest.raises(data.DataError, match=f"{path}: null or missing values in rows"):
+    with pytest.raises(data.DataError, match=f"{path}: null values in rows"):
         data.load_rows(data.resolve(path=str(copy)).train, 0, 10)
 
 
