@@ -158,15 +158,22 @@ def workdir_files(root):
     return sorted(found)
 
 
-def entrypoint(job_name, overrides=()):
-    """`distmlp train JOB --address auto --json [--set k=v ...]`, shell-quoted."""
+def entrypoint(job_name, overrides=(), home_run_dir=None):
+    """`distmlp train JOB --address auto --json [--set k=v ...] [--run-dir "$HOME"/DIR]`.
+
+    home_run_dir is relative to $HOME on the cluster's driver node, so the run outlives the
+    job's temporary working directory.
+    """
     args = ["distmlp", "train", job_name, "--address", "auto", "--json"]
     for o in overrides:
         args += ["--set", o]
-    return shlex.join(args)
+    command = shlex.join(args)
+    if home_run_dir is not None:
+        command += ' --run-dir "$HOME"/' + shlex.quote(home_run_dir)
+    return command
 
 
-def package(job_path, overrides=(), workdir=None, out_dir=None, limit=None):
+def package(job_path, overrides=(), workdir=None, out_dir=None, limit=None, home_run_dir=None):
     """Zip the job file (and workdir, when given) for upload; returns a Package.
 
     The job file goes to the zip's root unless it lies inside workdir, where it keeps its
@@ -201,7 +208,7 @@ def package(job_path, overrides=(), workdir=None, out_dir=None, limit=None):
         raise JobsError(f"the upload of {where} is {size / 2**20:.1f} MiB, over Ray's limit of "
                         f"{limit / 2**20:.0f} MiB: move large files out of it or into an excluded "
                         f"directory ({', '.join(sorted(EXCLUDED_DIRS))})")
-    return Package(zip_path, entrypoint(job_name, overrides), size, len(files))
+    return Package(zip_path, entrypoint(job_name, overrides, home_run_dir), size, len(files))
 
 
 def submission_id(job, now=None):
@@ -211,15 +218,24 @@ def submission_id(job, now=None):
     return f"distmlp-{name}-{stamp}-{os.urandom(2).hex()}"
 
 
+RUNS_HOME = "distmlp-runs"  # under $HOME on the driver node, when the job sets no run.run_dir
+
+
 def submit(client, job_path, overrides=(), workdir=None):
-    """Validate the job locally, upload it and start it; returns (job id, Package)."""
+    """Validate the job locally, upload it and start it; returns (job id, Package).
+
+    Unless the job sets run.run_dir, the run goes to ~/distmlp-runs/<job id> on the node
+    that runs the driver (the head, for jobs submitted to it).
+    """
     job = config.load_job(job_path, overrides)
+    sid = submission_id(job)
+    home_run_dir = None if job.run.run_dir else f"{RUNS_HOME}/{sid}"
     with tempfile.TemporaryDirectory(prefix="distmlp-submit-") as tmp:
-        pkg = package(job_path, overrides, workdir, out_dir=tmp)
+        pkg = package(job_path, overrides, workdir, out_dir=tmp, home_run_dir=home_run_dir)
         try:
             job_id = client.submit_job(
                 entrypoint=pkg.entrypoint,
-                submission_id=submission_id(job),
+                submission_id=sid,
                 runtime_env={"working_dir": pkg.zip_path},
                 metadata={"distmlp_job": os.path.basename(job_path), "run_name": job.run.name},
             )

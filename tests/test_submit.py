@@ -121,6 +121,14 @@ def test_quickstart_succeeds_and_its_logs_end_with_the_summary(head):
     listed = distmlp(head, "jobs", "-a", head["url"], "--json")
     assert job_id in [j["job_id"] for j in json.loads(listed.stdout)]
 
+    # the run outlives the job's working dir: ~/distmlp-runs/<job id> on the head, plottable
+    run_dir = head["home"] / "distmlp-runs" / job_id
+    assert summary["run_dir"] == str(run_dir)
+    png = run_dir.parent / "curves.png"
+    plotted = distmlp(head, "plot", str(run_dir), "-o", str(png))
+    assert plotted.returncode == 0, plotted.stderr
+    assert png.read_bytes().startswith(b"\x89PNG")
+
 
 def test_failing_job_is_failed_and_exits_nonzero(head):
     # a batch larger than the 8,000 training digits passes the job file check, fails on the cluster
@@ -266,6 +274,8 @@ def test_package_job_only_and_with_a_filtered_workdir(tmp_path):
     only = jobs_api.package(job, ["run.steps=3"], out_dir=tmp_path)
     assert zipfile.ZipFile(only.zip_path).namelist() == ["a.toml"]
     assert only.entrypoint == "distmlp train a.toml --address auto --json --set run.steps=3"
+    in_home = jobs_api.package(job, out_dir=tmp_path, home_run_dir="distmlp-runs/a b")
+    assert in_home.entrypoint == """distmlp train a.toml --address auto --json --run-dir "$HOME"/'distmlp-runs/a b'"""
 
     full = jobs_api.package(job, workdir=work, out_dir=tmp_path)
     assert sorted(zipfile.ZipFile(full.zip_path).namelist()) == ["jobs/a.toml", "notes.md", "pkg/m.py"]

@@ -46,7 +46,8 @@ def submit(
     """Submit a training job to a Ray cluster; prints the job id.
 
     Runs `distmlp train JOB.toml --address auto --json` on the cluster (distmlp must be
-    installed there; see cluster.yaml).
+    installed there; see cluster.yaml). The run directory is ~/distmlp-runs/JOB_ID on the
+    head unless the job sets run.run_dir.
 
     Example: distmlp submit jobs/quickstart.toml --address http://127.0.0.1:8265 --wait
     """
