@@ -140,7 +140,14 @@ def _arrays_parquet(arrays):
 
 
 def _json_bytes(obj):
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return (json.dumps(obj, indent=2, sort_keys=True, default=_json_scalar) + "\n").encode()
+
+
+def _json_scalar(value):
+    """NumPy scalars in metrics or sampler state (np.float32(0.5), np.int64(8000)) as Python numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _write_synced(path, data):
@@ -539,18 +546,21 @@ def from_seed_dict(obj, source, dtype="float64"):
     return {name: params[name] for name in mlp.param_names(3)}
 
 
-def import_seed_pickle(path, out_dir, trust=False, job=None):
-    """Turn a seed weights_biases.pkl into a step-0 checkpoint at out_dir; returns its path.
+def import_seed_pickle(path, run_dir, trust=False, job=None):
+    """Turn a seed weights_biases.pkl into a new run directory holding a step-0 checkpoint.
 
+    Returns the checkpoint's path; `evaluate RUN_DIR` and `train --resume RUN_DIR` take it.
     job defaults to the default job with model.dtype float64 (the seed's Python floats).
     """
     job = job or config.replace(config.JobConfig(), model={"dtype": "float64"})
     if tuple(job.model.sizes) != SEED_SIZES:
         raise CheckpointError(f"model.sizes {list(job.model.sizes)}: a seed pickle is a "
                               f"{'-'.join(map(str, SEED_SIZES))} model")
+    if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+        raise CheckpointError(f"{run_dir}: exists and is not empty; import into a new directory")
     params = from_seed_dict(safe_pickle.load(path, trust=trust), str(path), job.model.dtype)
     state = trainer.TrainState(params, optim.init_state(params, job.optimizer.momentum))
-    return save(out_dir, state, job)
+    return save_in_run(run_dir, state, job)
 
 
 # ------------------------------------------------------------------------------ inspect

@@ -35,7 +35,7 @@ def momentum_state(job, step=5):
     state.params = {n: (p + rng.normal(size=p.shape)).astype(dtype) for n, p in state.params.items()}
     state.opt_state = {n: rng.normal(size=p.shape).astype(dtype) for n, p in state.params.items()}
     state.step, state.samples_seen, state.nonfinite_streak = step, 32 * step, 1
-    state.metrics = {"step": step, "train_loss": 0.5, "test_accuracy": 0.25 + step / 100}
+    state.metrics = {"step": step, "train_loss": np.float32(0.5), "test_accuracy": 0.25 + step / 100}
     return state
 
 
@@ -79,6 +79,7 @@ def test_round_trip_is_exact(tmp_path, dtype):
     assert ckpt.job == job
     assert (ckpt.step, ckpt.samples_seen, ckpt.nonfinite_streak, ckpt.epoch) == (5, 160, 1, 0.02)
     assert ckpt.sampler == sampler_state and ckpt.metrics == state.metrics
+    assert type(ckpt.metrics["train_loss"]) is float
     for group, arrays in (("params", ckpt.params), ("opt", ckpt.opt_state)):
         expected = state.params if group == "params" else state.opt_state
         assert list(arrays) == ["W1", "b1", "W2", "b2", "W3", "b3"]
@@ -432,12 +433,15 @@ def test_cli_export_import_round_trip(tmp_path, momentum_job):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["checkpoint", "import", str(pkl), "-o", str(tmp_path / "back")])
     assert result.exit_code == 0, result.output
-    back = checkpoint.load(tmp_path / "back")
+    back = checkpoint.resolve(tmp_path / "back")[1]
     assert back.step == 0 and back.opt_state == {} and back.job.model.dtype == "float64"
     for name, p in checkpoint.load(path).params.items():
         assert back.params[name].tobytes() == p.tobytes()
     result = runner.invoke(app, ["checkpoint", "import", str(pkl), "-o", str(tmp_path / "b32"), "--dtype", "float32"])
-    assert result.exit_code == 0 and checkpoint.load(tmp_path / "b32").params["W1"].dtype == np.float32
+    assert result.exit_code == 0 and checkpoint.resolve(tmp_path / "b32")[1].params["W1"].dtype == np.float32
+    assert (tmp_path / "back" / "checkpoints" / "latest").read_text() == "step-000000\n"
+    result = runner.invoke(app, ["checkpoint", "import", str(pkl), "-o", str(tmp_path / "back")])
+    assert result.exit_code == 2 and "exists and is not empty; import into a new directory" in result.stderr
     result = runner.invoke(app, ["checkpoint", "export", path, "--format", "onnx", "-o", str(pkl)])
     assert result.exit_code == 2 and "--format 'onnx': allowed: seed-pickle" in result.stderr
 

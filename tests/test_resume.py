@@ -8,15 +8,19 @@ runs alongside, since Ray start-up (not the training) is most of each run's time
 
 import json
 import os
+import pickle
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from distmlp import checkpoint
+import seed_reference as seed
+from distmlp import checkpoint, data, trainer
 
 JOBS = {  # optimizer -> (steps, checkpoint_every): long enough to be killed mid-run
     "sgd": (300, 10),
@@ -166,3 +170,25 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, optimizer, corrupt)
     resumed, straight = checkpoint.load(summary["checkpoint"]), checkpoint.load(straight_summary["checkpoint"])
     assert resumed.step == steps
     assert_same_bits(resumed, straight)
+
+
+
+def test_imported_seed_pickle_trains_on_with_resume(tmp_path):
+    """`checkpoint import` makes a run directory that `train --resume` continues from step 0."""
+    (tmp_path / "weights_biases.pkl").write_bytes(pickle.dumps(seed.fresh_weights_biases(random.Random(3))))
+    (tmp_path / "job.toml").write_text("[optimizer]\nlr = 0.1\n[run]\nsteps = 5\n[cluster]\nworkers = 2\n")
+    imported = subprocess.run(distmlp_cmd("checkpoint", "import", str(tmp_path / "weights_biases.pkl"),
+                                          "-o", str(tmp_path / "run"), "--job", str(tmp_path / "job.toml")),
+                              env=env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert imported.returncode == 0, imported.stderr
+    _, start_ckpt = checkpoint.resolve(tmp_path / "run")
+    assert start_ckpt.step == 0 and start_ckpt.job.model.dtype == "float64"
+
+    summary, _ = finish(start("train", "--resume", str(tmp_path / "run"), "--json"))
+    assert summary["steps"] == 5
+    resumed = checkpoint.load(summary["checkpoint"])
+    local = trainer.train(start_ckpt.job, trainer.LocalBackend(data.resolve("mnist-sample"), np.float64),
+                          checkpoint.to_train_state(start_ckpt))
+    assert not np.array_equal(local.params["W1"], start_ckpt.params["W1"])
+    for name, p in local.params.items():  # 2 workers sum in another order: equal to rounding
+        np.testing.assert_allclose(resumed.params[name], p, rtol=1e-9, atol=1e-12)

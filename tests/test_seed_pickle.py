@@ -106,12 +106,12 @@ def test_a_seed_made_pickle_imports_and_evaluates(tmp_path, held_out_digits):
     pkl.write_bytes(pickle.dumps(weights_biases))
     result = runner.invoke(app, ["checkpoint", "import", str(pkl), "-o", str(tmp_path / "ck")])
     assert result.exit_code == 0, result.output
-    params = checkpoint.load(tmp_path / "ck").params
+    params = checkpoint.resolve(tmp_path / "ck")[1].params
     for name, key in zip(("W1", "b1", "W2", "b2", "W3", "b3"), seed.PICKLE_KEYS):
         np.testing.assert_array_equal(params[name], np.array(weights_biases[key]))
     images, labels = held_out_digits
     seed_accuracy = seed.test_neural_network(images[:300], labels[:300], *seed.unpack(weights_biases))
-    ckpt = checkpoint.load(tmp_path / "ck")
+    ckpt = checkpoint.resolve(tmp_path / "ck")[1]
     x, y = data.load_rows(data.resolve("mnist-sample").test, 0, 300)
     correct = int(np.sum(trainer.mlp.predict(ckpt.params, trainer.mlp.scale_pixels(x, np.float64)) == y))
     assert correct == round(seed_accuracy * 3)

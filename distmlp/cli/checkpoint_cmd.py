@@ -71,7 +71,7 @@ def format_description(info):
                          for k, v in sorted(info["metrics"].items()))
     job = config.job_from_dict(info["config"])
     lines = [f"checkpoint {info['path']}",
-             f"  verified  yes (manifest SHA-256 of every file, schema and shapes)",
+             "  verified  yes (manifest SHA-256 of every file, schema and shapes)",
              f"  step      {info['step']} (epoch {info['epoch']:.3g}, {info['samples_seen']} samples seen)",
              f"  layers    {'-'.join(map(str, info['sizes']))} {info['dtype']}",
              f"  optimizer {job.optimizer.name}, state: {', '.join(info['optimizer_state']) or 'none'}",
@@ -104,7 +104,8 @@ def export(
 @user_errors
 def import_pickle(
     pickle_path: Annotated[str, typer.Argument(metavar="PICKLE", help="A seed-format weights_biases.pkl.")],
-    output: Annotated[str, typer.Option("-o", "--output", help="The checkpoint directory to create.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="The run directory to create "
+                                        "(its checkpoints/step-000000 holds the weights).")],
     trust_pickle: Annotated[bool, typer.Option(
         "--trust-pickle", help="Load with the unrestricted pickle loader: runs any code in the file.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="float64 (the seed's Python floats) or float32.")]
@@ -112,9 +113,10 @@ def import_pickle(
     job_file: Annotated[Optional[str], typer.Option("--job", help="Job file the checkpoint records "
                                                     "(default: the default job).")] = None,
 ):
-    """Turn a seed weights_biases.pkl into a step-0 checkpoint for evaluate and train --resume.
+    """Turn a seed weights_biases.pkl into a run directory with a step-0 checkpoint.
 
-    Example: distmlp checkpoint import weights_biases.pkl -o ckpt-seed
+    `distmlp evaluate DIR` scores it; `distmlp train --resume DIR` trains on from it.
+    Example: distmlp checkpoint import weights_biases.pkl -o runs/seed
     """
     job = config.load_job(job_file, [f"model.dtype={json.dumps(dtype)}"])
     path = checkpoint.import_seed_pickle(pickle_path, output, trust=trust_pickle, job=job)
