@@ -14,7 +14,6 @@ A run directory keeps them as RUN_DIR/checkpoints/step-000123/, with the text fi
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -278,7 +277,7 @@ def _parse_job(path, data):
 def _read_arrays(path, data):
     """{name: array} from a verified Parquet file, its schema checked first."""
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)  # threads: abort at exit (pyarrow 26)
     except (pa.ArrowException, OSError) as e:
         raise CheckpointError(f"{path}: not a readable Parquet file: {e}") from None
     if not table.schema.equals(ARRAY_SCHEMA):
