@@ -96,16 +96,28 @@ def descendants(pid):
 
 
 def kill_tree(proc):
-    """SIGKILL proc, its process group and every process below it; wait for proc."""
-    if proc.poll() is None:
-        tree = descendants(proc.pid)
+    """SIGKILL proc, its process group and every process below it; wait until none is left."""
+    tree = descendants(proc.pid) if proc.poll() is None else []
+    if tree or proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.communicate(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in tree):
+        assert time.monotonic() < deadline, f"processes survived SIGKILL: {[p for p in tree if alive(p)]}"
+        time.sleep(0.05)
+
+
+def alive(pid):
+    """True while pid runs (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def kill_after_checkpoint(job_file, run_dir):
