@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import ray
+from ray._private import ray_constants
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -42,7 +43,13 @@ def connect(address=None, num_cpus=None):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]}") from None
         return False
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+    # A local Ray of our own, on loopback only: Ray replaces 127.0.0.1 by the machine's address
+    # (and listens on every interface) unless its single-machine mode is on, which the variable
+    # below selects; Ray reads it when imported, so set it both for child processes and here.
+    # address="local" keeps us from joining another Ray on this machine.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", **quiet)
     return True
 
