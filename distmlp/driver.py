@@ -199,7 +199,9 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None):
         if os.path.exists(run_dir) and os.listdir(run_dir):
             raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir})")
     source = data.resolve(job.data.dataset, job.data.path)
-    trainer.make_sampler(job, source.train.count)  # refuses a batch larger than the data set
+    sampler = trainer.make_sampler(job, source.train.count)  # refuses a batch larger than the data set
+    if resume is not None:
+        checkpoint.check_sampler(ckpt, sampler)  # the data set must still give the same batches
     if job.optimizer.name == "sgd" and job.cluster.workers > 1:
         echo("note: sgd updates after every example, so more workers add no speed (only shards the data)")
     started = connect(job.cluster.address)

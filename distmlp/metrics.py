@@ -210,7 +210,7 @@ def load(run_dir):
                                   or os.path.getmtime(jsonl) > os.path.getmtime(parquet)):
         return to_table(read_jsonl(jsonl))
     if os.path.exists(parquet):
-        return pq.read_table(parquet, schema=SCHEMA)
+        return pq.read_table(parquet, schema=SCHEMA, use_threads=False)
     if not os.path.isdir(run_dir):
         raise MetricsError(f"{run_dir}: no such run directory")
     raise MetricsError(f"{run_dir}: no {PARQUET} or {JSONL} in this run directory")

@@ -257,7 +257,7 @@ def _read_file(fs, path, where, rows, pixels, lo, hi):
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
                 if first < hi and first + n > lo:
-                    table = pf.read_row_group(i)
+                    table = pf.read_row_group(i, use_threads=False)
                     if table.num_rows != n:
                         raise DataError(f"{where}: row group {i} holds {table.num_rows} rows, declares {n}")
                     tables.append(table.slice(max(lo - first, 0), min(hi, first + n) - max(lo, first)))
