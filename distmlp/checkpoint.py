@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distmlp import config, mlp, optim, safe_pickle, trainer
+from distmlp import config, fsutil, mlp, optim, safe_pickle, trainer
 from distmlp.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ def save(path, state, job, sampler_state=None, epoch=0.0):
     tmp = Path(tempfile.mkdtemp(prefix=f"{LEFTOVER_PREFIX}{path.name}-", dir=path.parent))
     try:
         for name, data in files.items():
-            _write_synced(tmp / name, data)
-        _fsync_dir(tmp)
+            fsutil.write_synced(tmp / name, data)
+        fsutil.fsync_dir(tmp)
         _rename_into_place(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,21 +149,6 @@ def _json_scalar(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _write_synced(path, data):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rename_into_place(tmp, path):
     """Rename tmp to path; an existing path is moved aside first and removed after."""
     old = None
@@ -177,7 +162,7 @@ def _rename_into_place(tmp, path):
             os.rename(old / path.name, path)
             shutil.rmtree(old, ignore_errors=True)
         raise
-    _fsync_dir(path.parent)
+    fsutil.fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -185,17 +170,7 @@ def _rename_into_place(tmp, path):
 def write_atomic(path, data):
     """Write bytes to path via a synced temporary file and a rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{LEFTOVER_PREFIX}{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    fsutil.atomic_write(path, lambda tmp: fsutil.write_synced(tmp, data), prefix=f"{LEFTOVER_PREFIX}{path.name}-")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -10,14 +10,13 @@ one is tried.
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from distmlp import __version__, data
+from distmlp import __version__, data, fsutil
 from distmlp.errors import UserError
 
 MIRRORS = (
@@ -118,24 +117,17 @@ def _fetch_from_any(remote, target, mirror_urls, bar, log):
 
 def _fetch(url, target, remote, advance):
     """Stream url into a temporary file beside target, check size and md5, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{remote.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    def write(tmp):
+        with open(tmp, "wb") as out:
             md5, size = _stream(url, out, remote.size, advance)
-            out.flush()
-            os.fsync(out.fileno())
         if size < remote.size:
             raise _MirrorFailed(f"body ended after {size} of {remote.size} bytes")
         if size > remote.size:
             raise _MirrorFailed(f"body is longer than the expected {remote.size} bytes")
         if md5 != remote.md5:
             raise _MirrorFailed(f"md5 {md5} does not match the published {remote.md5}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    fsutil.atomic_write(target, write, prefix=f".{remote.name}.part-")
 
 
 def _stream(url, out, size, advance):
@@ -166,14 +158,6 @@ def _matches(path, remote):
         for block in iter(lambda: f.read(1 << 20), b""):
             md5.update(block)
     return md5.hexdigest() == remote.md5
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _progress_bar():

@@ -10,12 +10,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distmlp import fsutil
 from distmlp.errors import UserError
 
 JSONL = "metrics.jsonl"
@@ -47,23 +47,9 @@ def to_table(records):
                     schema=SCHEMA)
 
 
-def write_atomic(path, write):
-    """Call write(tmp_path) on a temp file beside path, then os.replace it onto path."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_parquet_atomic(table, path):
     """Write table to path as Parquet, atomically."""
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    fsutil.atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_jsonl(path):
@@ -129,7 +115,7 @@ class MetricsWriter:
         def write(tmp):
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
-        write_atomic(self.jsonl_path, write)
+        fsutil.atomic_write(self.jsonl_path, write)
 
 
 def format_line(record, steps, ms_per_step):
@@ -243,7 +229,7 @@ def plot(run_dir, out_png):
 
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     try:
-        write_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        fsutil.atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
     return out_png

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from distmlp import data
+from distmlp import data, fsutil
 from distmlp.data import DataError
 
 FORMAT = "distmlp-shards"
@@ -88,9 +88,9 @@ def convert(source, out, n_shards, row_group=ROW_GROUP):
             shape = data.image_shape(split)
             manifest["image_shape"] = list(shape)
             manifest["splits"][name] = _write_split(tmp, name, split, n_shards, row_group)
-        _write_json(tmp / MANIFEST, manifest)
+        fsutil.write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsutil.fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,21 +123,6 @@ def _write_shard(path, x, y, row_group):
                        write_statistics=["label"], write_page_checksum=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path):
