@@ -46,12 +46,19 @@ class OptimizerConfig:
     name: str = "minibatch"  # "sgd" (per example), "minibatch" or "gd" (full batch)
     lr: float | None = None  # None: the seed's rate (sgd 0.001, minibatch 0.001, gd 0.05)
     batch_size: int = 32  # global examples per minibatch step, whatever the worker count
-    sampling: str = "shuffle"  # "shuffle" per epoch, "sample" (seed: random.sample per batch), "sequential"
+    sampling: str | None = None  # "shuffle" per epoch, "sample" (seed: random.sample per batch),
+    # "sequential" (data order); None: "sequential" for sgd (the seed's order), "shuffle" otherwise
     momentum: float = 0.0  # 0 is the seed's plain SGD
 
     @property
     def learning_rate(self):
         return SEED_LR[self.name] if self.lr is None else self.lr
+
+    @property
+    def sampling_mode(self):
+        if self.sampling is not None:
+            return self.sampling
+        return "sequential" if self.name == "sgd" else "shuffle"
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ def validate(job):
     _require(o.name in OPTIMIZERS, "optimizer.name", f"allowed: {', '.join(OPTIMIZERS)}", o.name)
     _require(o.lr is None or 0 < o.lr < float("inf"), "optimizer.lr", "must be a finite number > 0", o.lr)
     _require(o.batch_size >= 1, "optimizer.batch_size", "must be >= 1", o.batch_size)
-    _require(o.sampling in SAMPLINGS, "optimizer.sampling", f"allowed: {', '.join(SAMPLINGS)}", o.sampling)
+    _require(o.sampling is None or o.sampling in SAMPLINGS, "optimizer.sampling", f"allowed: {', '.join(SAMPLINGS)}", o.sampling)
     _require(0.0 <= o.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", o.momentum)
     _require(job.data.dataset is not None or job.data.path is not None, "data.dataset",
              "give data.dataset or data.path", None)

@@ -50,7 +50,7 @@ def make_sampler(job, n_train):
     if o.name == "minibatch" and o.batch_size > n_train:
         from distmlp.config import ConfigError
         raise ConfigError(f"optimizer.batch_size: {o.batch_size} is larger than the {n_train} training examples")
-    return Sampler(o.name, n_train, o.batch_size, o.sampling, job.run.seed)
+    return Sampler(o.name, n_train, o.batch_size, o.sampling_mode, job.run.seed)
 
 
 def total_steps(job, sampler):
