@@ -27,8 +27,13 @@ class ClusterError(UserError):
     """Ray could not be reached or could not place the workers."""
 
 
-class WorkerFailure(RuntimeError):
-    """Workers failed more often than cluster.max_failures allows."""
+class WorkerFailure(UserError, RuntimeError):
+    """Workers failed more often than cluster.max_failures allows, or one could not be restarted."""
+
+
+# A worker is lost when its process (or its node) died, or its result went with its node.
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+RESTART_TIMEOUT_S = 120  # a replacement worker must have loaded its shard by then
 
 
 def connect(address=None, num_cpus=None):
@@ -57,7 +62,7 @@ def connect(address=None, num_cpus=None):
 class RayBackend:
     """Worker actors, one shard each, placed by a placement group."""
 
-    def __init__(self, source, job):
+    def __init__(self, source, job, worker_cls=RemoteShardWorker):
         c = job.cluster
         self.workers = c.workers
         self.n_train, self.n_test = source.train.count, source.test.count
@@ -67,7 +72,8 @@ class RayBackend:
         self.test_bounds = data.shard_bounds(self.n_test, c.workers)
         self.starts = np.array([lo for lo, _ in self.train_bounds])
         self.timeout = c.step_timeout_s
-        self.failures_left = c.max_failures
+        self.max_failures, self.failures = c.max_failures, 0  # budget (-1: unlimited) and spent
+        self.source, self.dtype, self.worker_cls = source, job.model.dtype, worker_cls
         self.pg = placement_group([{"CPU": c.cpus_per_worker}] * c.workers, strategy=c.placement)
         if not self._wait(self.pg.ready(), 60):
             remove_placement_group(self.pg)
@@ -83,9 +89,10 @@ class RayBackend:
 
     def _start(self, rank, source, dtype):
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
-        return RemoteShardWorker.options(
+        # max_restarts=0: the driver replaces a lost worker itself, so every loss is seen and counted
+        return self.worker_cls.options(
             num_cpus=self.pg.bundle_specs[rank]["CPU"], scheduling_strategy=strategy,
-            max_restarts=-1, max_task_retries=0, runtime_env={"env_vars": BLAS_ENV},
+            max_restarts=0, max_task_retries=0, runtime_env={"env_vars": BLAS_ENV},
             name=None,
         ).remote(rank, source, self.train_bounds[rank], self.test_bounds[rank], dtype)
 
@@ -103,7 +110,8 @@ class RayBackend:
     def grad_sums(self, params, batch, step):
         params_ref = ray.put(params)
         shares = self._split(batch)
-        results = self._call({rank: ("grad_sums", (params_ref, idx, step)) for rank, idx in shares.items()})
+        results = self._call({rank: ("grad_sums", (params_ref, idx, step)) for rank, idx in shares.items()},
+                             f"step {step + 1}")
         total, loss_sum, count, compute_s, bad = None, 0.0, 0, 0.0, None
         for rank in sorted(results):
             tag, grads, part_loss, part_count, part_s = results[rank]
@@ -124,35 +132,62 @@ class RayBackend:
         loss_sum = sum(results[rank][1] for rank in sorted(results))
         return correct, loss_sum, sum(r[2] for r in results.values())
 
-    def _call(self, calls):
-        """Run {rank: (method, args)} on the workers; on a failure, restart and run them all again.
+    def _call(self, calls, during="evaluation"):
+        """Run {rank: (method, args)} on the workers; when one dies or misses the step timeout,
+        replace it and run the whole call again.
 
         Results are pure functions of (weights, indices), so running a step again after a
         failure gives the same bits, and nothing is applied until every worker has answered.
         """
         while True:
             refs = {rank: getattr(self.actors[rank], m).remote(*args) for rank, (m, args) in calls.items()}
-            try:
-                values = ray.get(list(refs.values()), timeout=self.timeout)
-                return dict(zip(refs, values))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                    ray.exceptions.ObjectLostError) as e:
-                self._on_failure(refs, e)
+            _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
+            failed = {rank: f"timed out (cluster.step_timeout_s = {self.timeout:g})"
+                      for rank, ref in refs.items() if ref in pending}
+            values = {}
+            for rank in sorted(refs.keys() - failed.keys()):
+                try:
+                    values[rank] = ray.get(refs[rank])  # ready: no waiting
+                except LOST:
+                    failed[rank] = "died"
+            if not failed:
+                return values
+            self._on_failure(failed, during)
 
-    def _on_failure(self, refs, error):
-        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
-        failed = [rank for rank, ref in refs.items() if ref in pending or _raises(ref)]
-        what = "timed out" if isinstance(error, ray.exceptions.GetTimeoutError) else "died"
-        for rank in failed:
-            if self.failures_left == 0:
-                raise WorkerFailure(f"worker {rank} {what}; no failures left "
-                                    f"(cluster.max_failures spent)") from None
-            if self.failures_left > 0:
-                self.failures_left -= 1
-            log.warning("worker %d %s; restarting it and recomputing the step (%s failures left)",
-                        rank, what, "unlimited" if self.failures_left < 0 else self.failures_left)
-            ray.kill(self.actors[rank], no_restart=False)
-        self.worker_info = ray.get([a.info.remote() for a in self.actors], timeout=120)
+    def _on_failure(self, failed, during):
+        """Spend one failure per lost worker, then replace each by a new actor in its bundle."""
+        for rank, what in sorted(failed.items()):
+            self.failures += 1
+            who = self._describe(rank)
+            if 0 <= self.max_failures < self.failures:
+                raise WorkerFailure(f"{who} {what} during {during}: failure {self.failures}, "
+                                    f"cluster.max_failures is {self.max_failures}")
+            left = "unlimited" if self.max_failures < 0 else self.max_failures - self.failures
+            log.warning("%s %s during %s; restarting it and recomputing (%s failures left)",
+                        who, what, during, left)
+            ray.kill(self.actors[rank], no_restart=True)  # a hung process is killed, not waited for
+            self.actors[rank] = self._start(rank, self.source, self.dtype)
+        self._await_restarted(sorted(failed))
+
+    def _await_restarted(self, ranks):
+        """Wait until the replaced workers have loaded their shards; refresh their worker_info."""
+        t0 = time.perf_counter()
+        refs = [self.actors[rank].info.remote() for rank in ranks]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=RESTART_TIMEOUT_S)
+        for rank, ref in zip(ranks, refs):
+            if ref in pending:
+                raise WorkerFailure(f"worker {rank} could not be restarted within {RESTART_TIMEOUT_S} s; "
+                                    f"cluster resources: {ray.available_resources()}")
+            try:
+                self.worker_info[rank] = ray.get(ref)
+            except LOST as e:
+                raise WorkerFailure(f"worker {rank} died while restarting: "
+                                    f"{str(e).strip().splitlines()[0]}") from None
+        log.warning("worker(s) %s restarted in %.1f s", ", ".join(map(str, ranks)), time.perf_counter() - t0)
+
+    def _describe(self, rank):
+        info = self.worker_info[rank]
+        return f"worker {rank} (pid {info['pid']} on node {info['node_id'][:8]})"
 
     def close(self):
         for actor in self.actors:
@@ -164,12 +199,10 @@ def _finite(grads, loss):
     return np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
 
 
-def _raises(ref):
-    try:
-        ray.get(ref, timeout=0)
-        return False
-    except Exception:
-        return True
+def _resume_hint(run_dir, latest):
+    if latest is None:
+        return "no checkpoint saved yet"
+    return f"last good checkpoint {latest} (continue with: distmlp train --resume {run_dir})"
 
 
 def default_run_dir(job):
@@ -217,7 +250,10 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None):
         ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
         hooks = [metrics.Progress(job.run.log_every, quiet=json_mode, echo=echo),
                  metrics.MetricsWriter(run_dir), ckpt_hook]
-        state = trainer.train(job, backend, state, hooks)
+        try:
+            state = trainer.train(job, backend, state, hooks)
+        except (WorkerFailure, trainer.DivergenceError) as e:
+            raise type(e)(f"{e}; {_resume_hint(run_dir, checkpoint.pointer(run_dir))}") from None
     finally:
         if backend is not None:
             backend.close()

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distmlp import data, mlp, optim
+from distmlp.errors import UserError
 from distmlp.sampling import Sampler
 
 
-class DivergenceError(RuntimeError):
-    """A non-finite loss or gradient; names the step (and the worker when known)."""
+class DivergenceError(UserError, RuntimeError):
+    """A non-finite loss, gradient or update; names the step (and the worker when known)."""
 
 
 @dataclass
@@ -83,9 +84,9 @@ def train(job, backend, state=None, hooks=()):
         t0 = time.perf_counter()
         batch = sampler.batch(state.step)
         result = backend.grad_sums(state.params, batch, state.step)
-        if is_finite(result):
-            grads = optim.mean_grads(result.grads, result.count)
-            state.params, state.opt_state = optim.step(state.params, grads, state.opt_state, lr, momentum)
+        update = _update(state, result, lr, momentum) if is_finite(result) else None
+        if update is not None:
+            state.params, state.opt_state = update
             state.nonfinite_streak = 0
         else:
             _on_nonfinite(job, state, result)
@@ -106,12 +107,28 @@ def train(job, backend, state=None, hooks=()):
     return state
 
 
+def _update(state, result, lr, momentum):
+    """(params, opt_state) after the step, or None when the update itself overflowed."""
+    grads = optim.mean_grads(result.grads, result.count)
+    params, opt_state = optim.step(state.params, grads, state.opt_state, lr, momentum)
+    finite = all(np.isfinite(a).all() for group in (params, opt_state) for a in group.values())
+    return (params, opt_state) if finite else None
+
+
+MAX_SKIPPED = 3  # on_nonfinite = "skip": the run stops at the third non-finite step in a row
+
+
 def _on_nonfinite(job, state, result):
-    where = f" in worker {result.bad_worker}" if result.bad_worker else ""
-    if job.run.on_nonfinite == "skip" and state.nonfinite_streak < 2:
+    """Skip the update (policy "skip", fewer than MAX_SKIPPED in a row) or raise DivergenceError."""
+    if is_finite(result):
+        what = "update (finite gradient, overflowing weights)"
+    else:
+        what = "loss or gradient" + (f" in worker {result.bad_worker}" if result.bad_worker else "")
+    if job.run.on_nonfinite == "skip" and state.nonfinite_streak < MAX_SKIPPED - 1:
         state.nonfinite_streak += 1
         return
-    raise DivergenceError(f"non-finite loss or gradient at step {state.step + 1}{where}")
+    streak = f" ({state.nonfinite_streak + 1} in a row, run.on_nonfinite = skip)" if state.nonfinite_streak else ""
+    raise DivergenceError(f"non-finite {what} at step {state.step + 1}{streak}")
 
 
 def evaluate(backend, params):
