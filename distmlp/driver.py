@@ -8,6 +8,7 @@ and updates. 1 worker and N workers run this same code.
 
 import logging
 import os
+import socket
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ from ray._private import ray_constants
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distmlp import data, optim, trainer
+from distmlp import data, fastpath, optim, trainer
 from distmlp.errors import UserError
 from distmlp.worker import BLAS_ENV, RemoteShardWorker
 
@@ -43,6 +44,7 @@ def connect(address=None, num_cpus=None):
         return False
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
     if address:
+        _probe(address)
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -57,6 +59,22 @@ def connect(address=None, num_cpus=None):
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", **quiet)
     return True
+
+
+def _probe(address, timeout_s=5.0):
+    """Fail in seconds, with one line, where ray.init would retry an unreachable address for minutes."""
+    if address == "auto":
+        return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(f"--address {address}: that is a dashboard / Jobs API address; "
+                           "use `distmlp submit` for it, or give the cluster's HOST:PORT or 'auto'")
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 class RayBackend:
@@ -79,8 +97,23 @@ class RayBackend:
             remove_placement_group(self.pg)
             raise ClusterError(f"cannot place {c.workers} workers of {c.cpus_per_worker} CPU each "
                                f"({c.placement}); cluster resources: {ray.cluster_resources()}")
+        # fast transport hook (fastpath.py): the data set once per node, then the step transport
+        bundle_nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        self.bundle_nodes = [bundle_nodes[rank] for rank in range(c.workers)]
+        self.node_data = fastpath.put_per_node(source, self.bundle_nodes)
         self.actors = [self._start(rank, source, job.model.dtype) for rank in range(c.workers)]
         self.worker_info = ray.get([a.info.remote() for a in self.actors])
+        self.fast = self._fast_transport(job)
+
+    def _fast_transport(self, job):
+        """fastpath.FastTransport when cluster.transport and the job allow it, else None."""
+        here = ray.get_runtime_context().get_node_id()
+        wanted = job.cluster.transport == "compiled" or (
+            job.cluster.transport == "auto" and set(self.bundle_nodes) == {here})
+        if not (wanted and fastpath.eligible(job)):
+            return None
+        node = here if here in self.node_data else self.bundle_nodes[0]
+        return fastpath.FastTransport(self, job, ray.get(self.node_data[node])[0])
 
     @staticmethod
     def _wait(ref, timeout):
@@ -94,7 +127,8 @@ class RayBackend:
             num_cpus=self.pg.bundle_specs[rank]["CPU"], scheduling_strategy=strategy,
             max_restarts=0, max_task_retries=0, runtime_env={"env_vars": BLAS_ENV},
             name=None,
-        ).remote(rank, source, self.train_bounds[rank], self.test_bounds[rank], dtype)
+        ).remote(rank, source, self.train_bounds[rank], self.test_bounds[rank], dtype,
+                 node_data=[self.node_data[self.bundle_nodes[rank]]])
 
     def nodes(self):
         return sorted({info["node_id"] for info in self.worker_info})
@@ -108,6 +142,10 @@ class RayBackend:
                 for rank in range(self.workers) if np.any(owner == rank)}
 
     def grad_sums(self, params, batch, step):
+        if self.fast is not None and batch is not None:  # fast transport hook
+            result = self.fast.grad_sums(params, batch, step)
+            if result is not None:
+                return result
         params_ref = ray.put(params)
         shares = self._split(batch)
         results = self._call({rank: ("grad_sums", (params_ref, idx, step)) for rank, idx in shares.items()},
@@ -126,6 +164,10 @@ class RayBackend:
         return trainer.StepResult(total, loss_sum, count, compute_s, bad)
 
     def evaluate(self, params):
+        if self.fast is not None:  # fast transport hook
+            result = self.fast.evaluate(params)
+            if result is not None:
+                return result
         params_ref = ray.put(params)
         results = self._call({rank: ("evaluate", (params_ref,)) for rank in range(self.workers)})
         correct = sum(r[0] for r in results.values())
@@ -190,6 +232,8 @@ class RayBackend:
         return f"worker {rank} (pid {info['pid']} on node {info['node_id'][:8]})"
 
     def close(self):
+        if self.fast is not None:  # fast transport hook
+            self.fast.close()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.pg)

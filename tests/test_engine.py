@@ -79,3 +79,17 @@ def test_minibatch_indices_go_to_their_owner(ray_session, source):
         assert [i["n_test"] for i in infos] == [667, 667, 666]
     finally:
         backend.close()
+
+
+def test_workers_read_parquet_shards_and_match_idx(ray_session, source, tmp_path):
+    """Same rows from Parquet shards (3 files, by file:// URI) as from IDX: bit-identical training."""
+    from distmlp import shards
+    shards.convert(source, tmp_path / "shards", 3)
+    parquet = data.resolve(path=(tmp_path / "shards").as_uri())
+    assert parquet.train.kind == "parquet" and parquet.train.count == source.train.count
+    job = job_for("gd", 2, steps=2)
+    from_idx, _ = run_ray(job, source)
+    from_parquet, _ = run_ray(job, parquet)
+    for name in from_idx.params:
+        assert np.array_equal(from_idx.params[name], from_parquet.params[name]), name
+    assert from_idx.metrics["test_accuracy"] == from_parquet.metrics["test_accuracy"]
