@@ -25,6 +25,7 @@ SAMPLINGS = ("shuffle", "sample", "sequential")
 DTYPES = ("float32", "float64")
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 NONFINITE_POLICIES = ("stop", "skip")
+TRANSPORTS = ("auto", "actors", "compiled")
 CHECKPOINT_FORMATS = ("parquet",)
 
 # The seed notebook's learning rates.
@@ -89,6 +90,10 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0  # CPUs each worker actor reserves
     max_failures: int = 3  # worker failures survived per run; -1 unlimited
     step_timeout_s: float = 60.0  # a step slower than this counts as a worker failure
+    # step transport: "actors" (weights out, gradients back), "compiled" (weight replicas and
+    # gradient factors through a Ray compiled graph; minibatch/sgd without momentum), "auto"
+    # (compiled when allowed and every worker is on the driver's node)
+    transport: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,9 @@ def validate(job):
     _require(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0", c.cpus_per_worker)
     _require(c.max_failures >= -1, "cluster.max_failures", "must be >= -1 (-1: unlimited)", c.max_failures)
     _require(c.step_timeout_s > 0, "cluster.step_timeout_s", "must be > 0", c.step_timeout_s)
+    _require(c.transport in TRANSPORTS, "cluster.transport", f"allowed: {', '.join(TRANSPORTS)}", c.transport)
+    _require(c.transport != "compiled" or (o.name != "gd" and o.momentum == 0.0), "cluster.transport",
+             "compiled needs optimizer minibatch or sgd with momentum 0", c.transport)
 
 
 def replace(job, **sections):

@@ -24,11 +24,20 @@ BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREAD
 class ShardWorker:
     """Training rows [train_start, train_stop) and held-out rows [test_start, test_stop)."""
 
-    def __init__(self, rank, source, train_range, test_range, dtype="float32"):
+    def __init__(self, rank, source, train_range, test_range, dtype="float32", node_data=None):
         self.rank = rank
         self.dtype = np.dtype(dtype).type
-        self.train_x, self.train_y = data.load_rows(source.train, *train_range)  # (n, 784) uint8
-        self.test_x, self.test_y = data.load_rows(source.test, *test_range)
+        self.train_range = train_range
+        if node_data is None:
+            self.node_data = None
+            self.train_x, self.train_y = data.load_rows(source.train, *train_range)  # (n, 784) uint8
+            self.test_x, self.test_y = data.load_rows(source.test, *test_range)
+        else:  # [ref to the node's one copy of (train x, y, test x, y)]: zero-copy views of the shard
+            self.node_data = ray.get(node_data[0])
+            train_x, train_y, test_x, test_y = self.node_data
+            self.train_x, self.train_y = train_x[slice(*train_range)], train_y[slice(*train_range)]
+            self.test_x, self.test_y = test_x[slice(*test_range)], test_y[slice(*test_range)]
+        self.replica = None
 
     def info(self):
         ctx = ray.get_runtime_context()
@@ -47,6 +56,19 @@ class ShardWorker:
 
     def evaluate(self, params):
         return mlp.evaluate_sums(params, mlp.scale_pixels(self.test_x, self.dtype), self.test_y)
+
+
+    # -- fast transport (distmlp.fastpath): a weight replica, driven through a compiled graph
+
+    def fast_run(self, request):
+        """fastpath.Replica.step on this worker's replica (made on first use)."""
+        if self.replica is None:
+            from distmlp import fastpath
+            self.replica = fastpath.Replica(self.rank, self.node_data, self.dtype)
+        return self.replica.step(request)
+
+    def fast_apply(self, request, *replies):
+        return self.replica.apply(request, replies)
 
 
 RemoteShardWorker = ray.remote(ShardWorker)

@@ -55,6 +55,7 @@ BAD_OVERRIDES = [
     ("cluster.cpus_per_worker=0", ["cluster.cpus_per_worker", "> 0"]),
     ("cluster.max_failures=-2", ["cluster.max_failures", ">= -1"]),
     ("cluster.step_timeout_s=0", ["cluster.step_timeout_s", "> 0"]),
+    ("cluster.transport=fast", ["cluster.transport", "auto, actors, compiled"]),
     ("optimizer.foo=1", ["optimizer.foo", "unknown key", "name, lr, batch_size, sampling, momentum"]),
     ("run.seeds=1", ["run.seeds", "unknown key", "seed"]),
     ("foo.bar=1", ["[foo]", "unknown table", "model, optimizer, data, run, cluster"]),

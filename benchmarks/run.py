@@ -1,0 +1,229 @@
+"""Every performance comparison of issue 7 in one run; prints a table of medians and ratios.
+
+    python -m benchmarks.run            # 60,000 x 784 synthetic MNIST-shaped data (a few minutes)
+    python -m benchmarks.run --quick    # small data, few steps: checks that everything runs
+
+Timings on a shared machine are noisy: each comparison runs its candidates side by side,
+interleaved over several rounds, and reports medians and ratios from the same run.
+"""
+
+import argparse
+import importlib.util
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the embedded Ray on loopback
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from distmlp import config, data, driver, trainer  # noqa: E402
+
+SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
+FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_steps": 3, "seed_images": 300}
+QUICK = {"n_train": 2000, "n_test": 400, "steps": 40, "rounds": 1, "gd_steps": 1, "seed_images": 64}
+
+
+def write_idx(directory, name, array, magic):
+    """One uncompressed IDX file of unsigned bytes."""
+    head = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    (directory / name).write_bytes(head + array.tobytes())
+
+
+def synthetic_mnist(directory, n_train, n_test, seed=0):
+    """Random MNIST-shaped IDX files (uint8 28x28 images, labels 0-9) in directory."""
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory, f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                  data.IMAGES_MAGIC)
+        write_idx(directory, f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8),
+                  data.LABELS_MAGIC)
+    return data.from_directory(directory, name="synthetic-mnist")
+
+
+def job(optimizer, workers=1, transport="auto", **run):
+    overrides = [f'optimizer.name="{optimizer}"', f"cluster.workers={workers}", "cluster.cpus_per_worker=0.5",
+                 f'cluster.transport="{transport}"', "optimizer.lr=0.05"]
+    return config.replace(config.load_job(None, overrides), run=run)
+
+
+class StepTimes:
+    """Hook: the per-step wall, compute and communication times of a run."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_start(self, state, info):
+        pass
+
+    def on_step(self, state, record):
+        self.records.append(record)
+
+    def on_end(self, state, record):
+        pass
+
+    def median(self, key, skip=0.1):
+        values = [r[key] for r in self.records[int(len(self.records) * skip):]]
+        return statistics.median(values)
+
+
+def run_local(j, source):
+    times = StepTimes()
+    trainer.train(j, trainer.LocalBackend(source), hooks=[times])
+    return times
+
+
+def run_ray(j, source, measure=None):
+    """(step times, measure(backend) taken before the workers stop)."""
+    backend = driver.RayBackend(source, j)
+    try:
+        times = StepTimes()
+        trainer.train(j, backend, hooks=[times])
+        return times, measure(backend) if measure else None
+    finally:
+        backend.close()
+
+
+def worker_memory(backend):
+    """Summed RSS, USS and peak RSS (VmHWM) of the worker processes, in MB."""
+    import psutil
+    rss = uss = peak = 0
+    for info in backend.worker_info:
+        p = psutil.Process(info["pid"])
+        m = p.memory_full_info()
+        rss, uss = rss + m.rss, uss + m.uss
+        peak += _vm_hwm(info["pid"])
+    return {"rss": rss / 2**20, "uss": uss / 2**20, "peak": peak / 2**20}
+
+
+def _vm_hwm(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def minibatch_steps(source, p, rows):
+    """Target 1: us per synchronous minibatch step (global batch 32), 2 workers."""
+    candidates = {"single-process NumPy": lambda j: run_local(j, source),
+                  "Ray, actor calls": lambda j: run_ray(config.replace(j, cluster={"transport": "actors", "workers": 2}), source)[0],
+                  "Ray, compiled graph + replicas": lambda j: run_ray(config.replace(j, cluster={"transport": "compiled", "workers": 2}), source)[0]}
+    medians = {name: [] for name in candidates}
+    splits = {name: [] for name in candidates}
+    for _ in range(p["rounds"]):
+        for name, fn in candidates.items():
+            steps = p["steps"] if "actor calls" not in name else max(p["steps"] // 3, 20)
+            t = fn(job("minibatch", steps=steps))
+            medians[name].append(t.median("step_s") * 1e6)
+            splits[name].append((t.median("compute_s") * 1e6, t.median("comm_s") * 1e6))
+    for name in candidates:
+        us = statistics.median(medians[name])
+        compute, comm = (statistics.median(s[i] for s in splits[name]) for i in (0, 1))
+        rows.append(("minibatch step (batch 32)", name, f"{us:,.0f} us/step",
+                     f"compute {compute:,.0f} / comm {comm:,.0f} us"))
+    fast, actors = (statistics.median(medians[n]) for n in ("Ray, compiled graph + replicas", "Ray, actor calls"))
+    rows.append(("", "speed-up compiled vs actor calls", f"{actors / fast:.1f}x", f"target 1: <= 500 us/step"))
+    _torch_rows(rows)
+    return statistics.median(medians["Ray, compiled graph + replicas"]) / 1e6, statistics.median(
+        medians["single-process NumPy"]) / 1e6
+
+
+def _torch_rows(rows):
+    if importlib.util.find_spec("torch") is None:
+        rows.append(("", "PyTorch / Ray Train", "skipped", "torch not installed (optional extra 'bench')"))
+
+
+def gd_epochs(source, p, rows):
+    """Targets 2 and 3: gd s/epoch for 1 and 2 workers vs the single-process trainer; worker memory."""
+    times = {"single-process trainer": [], "Ray, 1 worker": [], "Ray, 2 workers": []}
+    memory = {}
+    for _ in range(p["rounds"]):
+        j = job("gd", steps=p["gd_steps"])
+        times["single-process trainer"].append(run_local(j, source).median("step_s", skip=0))
+        for workers in (1, 2):
+            t, mem = run_ray(config.replace(j, cluster={"workers": workers}), source, worker_memory)
+            times[f"Ray, {workers} worker{'s' * (workers > 1)}"].append(t.median("step_s", skip=0))
+            memory[workers] = mem
+    med = {name: statistics.median(v) for name, v in times.items()}
+    for name, s in med.items():
+        rows.append((f"gd epoch ({source.train.count:,} x 784)", name, f"{s:.3f} s/epoch", ""))
+    one, two, local = med["Ray, 1 worker"], med["Ray, 2 workers"], med["single-process trainer"]
+    rows.append(("", "speed-up 2 workers vs 1", f"{one / two:.2f}x", "target 2: >= 1.8x"))
+    rows.append(("", "1 worker vs single-process", f"{(one / local - 1) * 100:+.0f} %", "target 2: within 15 %"))
+    for workers, mem in memory.items():
+        rows.append(("worker memory after gd", f"{workers} worker(s), total",
+                     f"RSS {mem['rss']:.0f} MB", f"USS {mem['uss']:.0f} MB, peak RSS {mem['peak']:.0f} MB"))
+    ratio = memory[2]["rss"] / memory[1]["rss"]
+    peak_ratio = memory[2]["peak"] / memory[1]["peak"]
+    rows.append(("", "2 workers / 1 worker", f"RSS {ratio:.2f}x", f"peak {peak_ratio:.2f}x; target 3: < 1.5x"))
+
+
+def seed_loop(source, p, rows, fast_step_s, local_step_s):
+    """Target 4: one minibatch epoch vs the seed's per-example loop, extrapolated from a few images."""
+    spec = importlib.util.spec_from_file_location("seed_reference", SEED_REFERENCE)
+    seed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed)
+    n = p["seed_images"]
+    x, y = data.load_rows(source.train, 0, n)
+    images, labels = seed.images_from_uint8(x), y.tolist()
+    rng = random.Random(0)
+    weights_biases = seed.fresh_weights_biases(rng)
+    weights = [weights_biases[k] for k in seed.PICKLE_KEYS[0::2]]
+    biases = [weights_biases[k] for k in seed.PICKLE_KEYS[1::2]]
+    batches = max(n // 32, 1)
+    t0 = time.perf_counter()
+    seed.SGD_minibatch(images, labels, weights, biases, minibatch_size=32, batches=batches, rng=rng)
+    per_example = (time.perf_counter() - t0) / (batches * 32)
+    n_epoch = 60000
+    seed_epoch = per_example * n_epoch
+    steps = n_epoch // 32
+    rows.append(("minibatch epoch (60,000 images)", "seed per-example loop (extrapolated)",
+                 f"{seed_epoch:,.0f} s", f"measured {per_example * 1e3:.2f} ms/example on {batches * 32} images"))
+    rows.append(("", "Ray, compiled graph, 2 workers", f"{fast_step_s * steps:.2f} s",
+                 f"{steps} steps x median step; {seed_epoch / (fast_step_s * steps):,.0f}x faster (target 4: >= 500x)"))
+    rows.append(("", "single-process NumPy", f"{local_step_s * steps:.2f} s",
+                 f"{seed_epoch / (local_step_s * steps):,.0f}x faster"))
+
+
+def print_table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+    line = " | ".join("{:<%d}" % w for w in widths)
+    print(line.format(*header))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(line.format(*r))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
+    args = parser.parse_args(argv)
+    p = QUICK if args.quick else FULL
+    import ray
+    with tempfile.TemporaryDirectory(prefix="distmlp-bench-") as tmp:
+        source = synthetic_mnist(Path(tmp), p["n_train"], p["n_test"])
+        driver.connect(num_cpus=2)
+        try:
+            rows = []
+            fast_s, local_s = minibatch_steps(source, p, rows)
+            gd_epochs(source, p, rows)
+            seed_loop(source, p, rows, fast_s, local_s)
+        finally:
+            ray.shutdown()
+    print(f"\ndistmlp benchmarks | {time.strftime('%Y-%m-%d')} | {platform.node()} | {platform.processor() or platform.machine()}"
+          f" | {os.cpu_count()} cores | Python {sys.version.split()[0]} | {'quick' if args.quick else 'full'}")
+    print_table(rows, ("comparison", "candidate", "median", "notes"))
+
+
+if __name__ == "__main__":
+    main()

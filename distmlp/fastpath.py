@@ -1,0 +1,369 @@
+"""The fast step transport: weight replicas in the workers, exact gradient factors on the wire.
+
+A minibatch step over the plain actor path ships 52 KB of weights to every worker and 52 KB of
+gradient sums back. Here every worker keeps a replica of the weights instead, and per step
+returns only EXACT factors of its gradient sums: the per-layer deltas of its examples and their
+hidden activations (layer i's weight gradient is delta_i^T @ a_(i-1), its bias gradient the
+column sums of delta_i; a_0 is the pixel rows, which every worker and the driver read from the
+node's one copy of the data set). The driver gathers the factors (~300 B per example), rebuilds
+the gradient sums for the training loop and forwards the factors with the next step, where each
+worker rebuilds the same sums and applies the same update to its replica. All messages are raw
+bytes through one Ray compiled graph (ray.dag): one round trip per step.
+
+Exactness: the gradient sums are rebuilt per worker, in rank order, with the same matmuls the
+worker would run (single BLAS thread), so they equal the actor path's bit for bit. Every message
+carries a fingerprint of the weights the driver holds; a worker whose replica differs answers
+"sync" and the step is sent again with the full weights. On any failure the graph is torn down,
+the step goes through the actor path (which restarts workers and counts failures) and the graph
+is rebuilt for the next step.
+"""
+
+import functools
+import logging
+import struct
+import time
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from threadpoolctl import ThreadpoolController
+
+from distmlp import mlp, optim
+
+log = logging.getLogger("distmlp")
+
+OP_STEP, OP_EVAL = 0, 1
+OK, SYNC = 0, 1
+MAX_GRAPH_FAILURES = 10  # graph rebuilds per run; after that every step goes over actor calls
+# op, step, weights fingerprint, batch rows, workers (0: no weights in the request)
+_REQUEST = struct.Struct("<qqQqq")
+_REPLY = struct.Struct("<qqdd")  # status, rows (eval: correct), loss sum, compute seconds
+
+
+# ----------------------------------------------------------------- data once per node
+
+
+@ray.remote(num_cpus=0)
+def _load_split_pair(source):
+    from distmlp import data
+    return data.load_rows(source.train) + data.load_rows(source.test)  # (train x, y, test x, y)
+
+
+def put_per_node(source, node_ids):
+    """{node id: ref to (train x, train y, test x, test y)}: each split loaded once on each node."""
+    return {node: _load_split_pair.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(source)
+        for node in sorted(set(node_ids))}
+
+
+# ------------------------------------------------------------------------- pure parts
+
+
+def fingerprint(params):
+    """64-bit linear hash of the weights' bits: a different bit anywhere changes it."""
+    blob = encode_params(params)
+    words = np.frombuffer(blob + b"\0" * (-len(blob) % 8), np.uint64)
+    return int(np.dot(words, _multipliers(len(words))))  # integer dot: wraps modulo 2**64
+
+
+@functools.cache
+def _multipliers(n):
+    """n fixed odd 64-bit constants (the same in every process)."""
+    return np.random.default_rng(0x5EED).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+
+
+def factors(params, x, labels):
+    """(deltas [layer 1..L] each (B, out_i), hidden activations [1..L-1] each (B, size_i), loss sum)."""
+    n_layers = len(params) // 2
+    logits, cache = mlp.forward(params, x)
+    loss_sum, delta = mlp.xent_loss_and_dlogits(logits, labels)
+    deltas = [delta]
+    for i in range(n_layers, 1, -1):
+        delta = (delta @ params[f"W{i}"]) * (cache[i - 1] > 0)  # (B, in_i), as mlp.backward
+        deltas.append(delta)
+    return deltas[::-1], cache[1:n_layers], loss_sum
+
+
+def grads_from_factors(deltas, hidden, x):
+    """Gradient sums keyed like params from one worker's factors and its scaled pixel rows x."""
+    acts = [x, *hidden]
+    grads = {}
+    for i in range(len(deltas), 0, -1):
+        grads[f"W{i}"] = deltas[i - 1].T @ acts[i - 1]  # (out_i, in_i)
+        grads[f"b{i}"] = deltas[i - 1].sum(axis=0)  # (out_i,)
+    return {name: grads[name] for name in mlp.param_names(len(deltas))}
+
+
+def encode_factors(deltas, hidden, dtype):
+    return b"".join(np.ascontiguousarray(a, dtype=dtype).tobytes() for a in (*deltas, *hidden))
+
+
+def decode_factors(buf, rows, sizes, dtype):
+    """Inverse of encode_factors for `rows` examples: (deltas, hidden) as read-only views."""
+    flat = np.frombuffer(buf, dtype=dtype)
+    out, at = [], 0
+    for width in (*sizes[1:], *sizes[1:-1]):
+        out.append(flat[at:at + rows * width].reshape(rows, width))
+        at += rows * width
+    n_layers = len(sizes) - 1
+    return out[:n_layers], out[n_layers:]
+
+
+def owners(batch, starts):
+    """The rank whose shard holds each global index."""
+    return np.searchsorted(starts, batch, side="right") - 1
+
+
+def per_worker_grads(batch, payloads, starts, train_x, sizes, dtype):
+    """{rank: gradient sums} rebuilt from each worker's factor payload, for ranks with examples."""
+    owner = owners(batch, starts)
+    out = {}
+    for rank, buf in enumerate(payloads):
+        rows = batch[owner == rank]
+        if len(rows):
+            deltas, hidden = decode_factors(buf, len(rows), sizes, dtype)
+            out[rank] = grads_from_factors(deltas, hidden, mlp.scale_pixels(train_x[rows], dtype))
+    return out
+
+
+def total_grads(parts):
+    """Sum of per-worker gradient sums in rank order, as the actor path adds them."""
+    total = None
+    for rank in sorted(parts):
+        total = {k: g.copy() for k, g in parts[rank].items()} if total is None else optim.add_into(total, parts[rank])
+    return total
+
+
+def encode_params(params):
+    return b"".join(np.ascontiguousarray(params[name]).tobytes() for name in mlp.param_names(len(params) // 2))
+
+
+def decode_params(buf, sizes, dtype):
+    flat = np.frombuffer(buf, dtype=dtype)
+    params, at = {}, 0
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        params[f"W{i}"] = flat[at:at + fan_out * fan_in].reshape(fan_out, fan_in).copy()
+        at += fan_out * fan_in
+        params[f"b{i}"] = flat[at:at + fan_out].copy()
+        at += fan_out
+    return params
+
+
+def encode_request(op, step, fp, batch, sync=None):
+    """One request for every worker. sync: (params, lr, sizes, starts, test bounds) or None."""
+    batch = np.empty(0, np.int64) if batch is None else np.asarray(batch, np.int64)
+    parts = [_REQUEST.pack(op, step, fp, len(batch), 0 if sync is None else len(sync[3])), batch.tobytes()]
+    if sync is not None:
+        params, lr, sizes, starts, test_bounds = sync
+        parts += [struct.pack("<dq", lr, len(sizes)), np.asarray(sizes, np.int64).tobytes(),
+                  np.asarray(starts, np.int64).tobytes(), np.asarray(test_bounds, np.int64).tobytes(),
+                  encode_params(params)]
+    return b"".join(parts)
+
+
+def decode_request(blob, dtype):
+    """(op, step, fp, batch, sync or None) as encode_request took them."""
+    op, step, fp, n_batch, n_workers = _REQUEST.unpack_from(blob)
+    at = _REQUEST.size
+    batch = np.frombuffer(blob, np.int64, n_batch, at)
+    if not n_workers:
+        return op, step, fp, batch, None
+    at += 8 * n_batch
+    lr, n_sizes = struct.unpack_from("<dq", blob, at)
+    at += 16
+    ints = np.frombuffer(blob, np.int64, n_sizes + 3 * n_workers, at)
+    sizes, starts = tuple(int(s) for s in ints[:n_sizes]), ints[n_sizes:n_sizes + n_workers]
+    test_bounds = ints[n_sizes + n_workers:].reshape(n_workers, 2)
+    params = decode_params(memoryview(blob)[at + 8 * len(ints):], sizes, dtype)
+    return op, step, fp, batch, (params, lr, sizes, starts, test_bounds)
+
+
+def reply_status(reply):
+    return _REPLY.unpack_from(reply)[0]
+
+
+# ------------------------------------------------------------------------- worker side
+
+
+class Replica:
+    """A worker's copy of the weights, kept equal to the driver's by applying the same updates."""
+
+    def __init__(self, rank, node_data, dtype):
+        self.rank, self.dtype = rank, np.dtype(dtype).type
+        self.train_x, self.train_y, self.all_test_x, self.all_test_y = node_data  # the node's copy
+        self.params, self.applied = None, None
+
+    def step(self, blob):
+        """One request -> this worker's reply: its factors, its evaluation sums, or SYNC."""
+        t0 = time.perf_counter()
+        op, step, fp, batch, sync = decode_request(blob, self.dtype)
+        if sync is not None:
+            self.params, self.lr, self.sizes, self.starts, test_bounds = sync
+            self.test_range = slice(*test_bounds[self.rank])
+        if self.params is None or fingerprint(self.params) != fp:
+            self.params = None
+            return _REPLY.pack(SYNC, 0, 0.0, 0.0)
+        if op == OP_EVAL:
+            x, y = self.all_test_x[self.test_range], self.all_test_y[self.test_range]
+            correct, loss_sum, n = mlp.evaluate_sums(self.params, mlp.scale_pixels(x, self.dtype), y)
+            return _REPLY.pack(OK, correct, loss_sum, time.perf_counter() - t0) + struct.pack("<q", n)
+        mine = batch[owners(batch, self.starts) == self.rank]
+        if not len(mine):
+            return _REPLY.pack(OK, 0, 0.0, time.perf_counter() - t0)
+        x = mlp.scale_pixels(self.train_x[mine], self.dtype)
+        deltas, hidden, loss_sum = factors(self.params, x, self.train_y[mine])
+        return _REPLY.pack(OK, len(mine), loss_sum, time.perf_counter() - t0) + encode_factors(deltas, hidden, self.dtype)
+
+    def apply(self, blob, replies):
+        """After a step: the update the training loop makes from every worker's factors (once per step)."""
+        op, step, _, batch, _ = decode_request(blob, self.dtype)
+        if op != OP_STEP or self.params is None or self.applied == step or any(map(reply_status, replies)):
+            return b"skip"
+        payloads = [memoryview(r)[_REPLY.size:] for r in replies]
+        parts = per_worker_grads(batch, payloads, self.starts, self.train_x, self.sizes, self.dtype)
+        grads, loss_sum = total_grads(parts), loss_total(replies, parts)
+        if not finite(grads, loss_sum):  # the loop skips (or stops at) a non-finite step
+            return b"skip"
+        self.params, _ = optim.step(self.params, optim.mean_grads(grads, len(batch)), {}, self.lr)
+        self.applied = step
+        return b"applied"
+
+
+def loss_total(replies, parts):
+    """Loss sum over the ranks that had examples, added in rank order as the actor path does."""
+    total = 0.0
+    for rank in sorted(parts):
+        total += _REPLY.unpack_from(replies[rank])[2]
+    return total
+
+
+def finite(grads, loss_sum):
+    return bool(np.isfinite(loss_sum)) and all(np.isfinite(g).all() for g in grads.values())
+
+
+# ------------------------------------------------------------------------- driver side
+
+
+class GraphFailed(Exception):
+    """The compiled graph broke (a worker died or timed out); the caller goes over actor calls."""
+
+
+def eligible(job):
+    """Whether the job's steps can use replicas: per-example or minibatch steps, plain SGD updates."""
+    return job.optimizer.name in ("minibatch", "sgd") and job.optimizer.momentum == 0.0
+
+
+class FastTransport:
+    """Steps and evaluations of a RayBackend through one compiled graph over its actors.
+
+    The graph: every worker's fast_run(request) -> its reply, then every worker's
+    fast_apply(request, *all replies) -> its replica updated. The driver reads the replies,
+    and collects the apply results only before the next request, so the workers update their
+    replicas while the driver rebuilds the gradient sums and the loop updates its weights.
+    The same two calls go over plain actor calls (backend._call: restarts, failure budget)
+    when the graph fails, with the same arithmetic, so a recovered step gives the same bits.
+    """
+
+    def __init__(self, backend, job, train_x):
+        self.backend = backend
+        self.sizes, self.dtype = tuple(job.model.sizes), np.dtype(job.model.dtype).type
+        self.lr = job.optimizer.learning_rate
+        self.train_x = train_x  # (n, 784) uint8, the node copy the driver reads rows from
+        self.graph, self.applying, self.graph_failures = None, None, 0
+        # one BLAS thread while the transport is open: the workers' matmuls, so the same bits
+        self.blas_limit = ThreadpoolController().limit(limits=1, user_api="blas")
+
+    def _sync(self, params):
+        b = self.backend
+        return params, self.lr, self.sizes, b.starts, b.test_bounds
+
+    def _build(self):
+        from ray.dag import InputNode, MultiOutputNode
+        actors = self.backend.actors
+        with InputNode() as request:
+            replies = [a.fast_run.bind(request) for a in actors]
+            applied = [a.fast_apply.bind(request, *replies) for a in actors]
+            dag = MultiOutputNode([*replies, *applied])
+        self.graph = dag.experimental_compile()
+
+    def _execute(self, blob):
+        """Every worker's reply to blob through the graph (built on first use)."""
+        try:
+            self._drain()
+            if self.graph is None:
+                self._build()
+            refs = self.graph.execute(blob)
+            n = len(self.backend.actors)
+            replies = ray.get(refs[:n], timeout=self.backend.timeout)
+            self.applying = refs[n:]
+            return replies
+        except Exception as e:  # any channel, actor or timeout error: the graph is unusable
+            self.graph_failures += 1
+            log.warning("compiled graph failed (%s); this step goes over actor calls", type(e).__name__)
+            self._close_graph()
+            raise GraphFailed from None
+
+    def _drain(self):
+        if self.applying is not None:
+            refs, self.applying = self.applying, None
+            ray.get(refs, timeout=self.backend.timeout)
+
+    def _over_actors(self, blob, during):
+        """The graph's two calls as plain actor calls, with the backend's failure handling."""
+        calls = self.backend._call
+        n = len(self.backend.actors)
+        replies = calls({r: ("fast_run", (blob,)) for r in range(n)}, during)
+        replies = [replies[r] for r in range(n)]
+        calls({r: ("fast_apply", (blob, *replies)) for r in range(n)}, during)
+        return replies
+
+    def _send(self, blob, during):
+        if self.graph_failures <= MAX_GRAPH_FAILURES:
+            try:
+                return self._execute(blob)
+            except GraphFailed:
+                pass
+        return self._over_actors(blob, during)
+
+    def _round(self, op, step, params, batch, during):
+        """Replies of every worker; stale replicas (a new worker, a different update) get the weights."""
+        fp = fingerprint(params)
+        replies = self._send(encode_request(op, step, fp, batch), during)
+        if any(map(reply_status, replies)):
+            replies = self._send(encode_request(op, step, fp, batch, self._sync(params)), during)
+        return replies
+
+    def grad_sums(self, params, batch, step):
+        """trainer.StepResult for one step, rebuilt from the workers' factors."""
+        from distmlp import trainer
+        replies = self._round(OP_STEP, step, params, batch, f"step {step + 1}")
+        t0 = time.perf_counter()
+        payloads = [memoryview(r)[_REPLY.size:] for r in replies]
+        parts = per_worker_grads(batch, payloads, self.backend.starts, self.train_x, self.sizes, self.dtype)
+        bad = None
+        for rank in sorted(parts):
+            if bad is None and not finite(parts[rank], _REPLY.unpack_from(replies[rank])[2]):
+                bad = f"{rank} (pid {self.backend.worker_info[rank]['pid']})"
+        compute_s = max(_REPLY.unpack_from(r)[3] for r in replies) + time.perf_counter() - t0
+        return trainer.StepResult(total_grads(parts), loss_total(replies, parts), len(batch), compute_s, bad)
+
+    def evaluate(self, params):
+        """(correct, loss sum, count) over the held-out split, summed in rank order."""
+        replies = self._round(OP_EVAL, 0, params, None, "evaluation")
+        heads = [_REPLY.unpack_from(r) for r in replies]
+        counts = [struct.unpack_from("<q", r, _REPLY.size)[0] for r in replies]
+        return sum(h[1] for h in heads), sum(h[2] for h in heads), sum(counts)
+
+    def close(self):
+        self._close_graph()
+        if self.blas_limit is not None:
+            self.blas_limit.restore_original_limits()
+            self.blas_limit = None
+
+    def _close_graph(self):
+        graph, self.graph, self.applying = self.graph, None, None
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception as e:  # a dead actor can make teardown complain; the graph is gone anyway
+                log.debug("compiled graph teardown: %s", e)

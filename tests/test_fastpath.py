@@ -1,0 +1,265 @@
+"""The fast transport (weight replicas + exact gradient factors) equals the actor transport bit for bit.
+
+Pure parts are checked against mlp.loss_and_grad_sums (itself checked against finite
+differences and the seed transcription); replicas are driven in-process exactly as the
+compiled graph drives them; the Ray tests compare whole runs of both transports.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+
+from distmlp import config, data, driver, fastpath, mlp, optim, trainer
+from distmlp.config import ConfigError
+
+SIZES = (784, 16, 16, 10)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    x, y = data.load_rows(data.bundled_sample().train, 0, 400)
+    tx, ty = data.load_rows(data.bundled_sample().test, 0, 100)
+    return x, y, tx, ty
+
+
+def params_for(seed, dtype=np.float32):
+    return mlp.init_params(SIZES, np.random.default_rng(seed), dtype)
+
+
+def bits_equal(a, b):
+    return a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, 16, 32])
+def test_factors_rebuild_the_gradient_sums_bit_for_bit(rows, dtype, n):
+    x8, y, _, _ = rows
+    params = params_for(n, dtype)
+    x = mlp.scale_pixels(x8[:n], dtype)
+    expected, loss, count = mlp.loss_and_grad_sums(params, x, y[:n])
+    deltas, hidden, loss_sum = fastpath.factors(params, x, y[:n])
+    blob = fastpath.encode_factors(deltas, hidden, dtype)
+    assert len(blob) == n * (sum(SIZES[1:]) + sum(SIZES[1:-1])) * np.dtype(dtype).itemsize
+    got = fastpath.grads_from_factors(*fastpath.decode_factors(blob, n, SIZES, dtype), x)
+    assert bits_equal(got, expected) and loss_sum == loss
+
+
+def test_per_worker_grads_add_in_rank_order_like_the_driver(rows):
+    x8, y, _, _ = rows
+    params, starts, batch = params_for(1), np.array([0, 150, 300]), np.array([5, 320, 151, 7, 299, 1])
+    owner = fastpath.owners(batch, starts)
+    assert owner.tolist() == [0, 2, 1, 0, 1, 0]
+    payloads, expected = [], None
+    for rank in range(3):
+        mine = batch[owner == rank]
+        x = mlp.scale_pixels(x8[mine])
+        deltas, hidden, _ = fastpath.factors(params, x, y[mine])
+        payloads.append(fastpath.encode_factors(deltas, hidden, np.float32))
+        part = mlp.loss_and_grad_sums(params, x, y[mine])[0]
+        expected = {k: g.copy() for k, g in part.items()} if expected is None else optim.add_into(expected, part)
+    parts = fastpath.per_worker_grads(batch, payloads, starts, x8, SIZES, np.float32)
+    assert sorted(parts) == [0, 1, 2]
+    assert bits_equal(fastpath.total_grads(parts), expected)
+
+
+def test_fingerprint_sees_one_ulp_anywhere():
+    params = params_for(0)
+    fp = fastpath.fingerprint(params)
+    assert fastpath.fingerprint({k: v.copy() for k, v in params.items()}) == fp
+    for name in params:
+        changed = {k: v.copy() for k, v in params.items()}
+        flat = changed[name].reshape(-1)
+        flat[-1] = np.nextafter(flat[-1], np.float32(np.inf))
+        assert fastpath.fingerprint(changed) != fp, name
+    assert fastpath.fingerprint(params_for(0, np.float64)) != fp
+
+
+def test_request_round_trip_with_and_without_weights():
+    params, batch = params_for(2), np.array([3, 9, 4], np.int64)
+    blob = fastpath.encode_request(fastpath.OP_STEP, 7, 123, batch)
+    op, step, fp, got_batch, sync = fastpath.decode_request(blob, np.float32)
+    assert (op, step, fp, got_batch.tolist(), sync) == (fastpath.OP_STEP, 7, 123, [3, 9, 4], None)
+    bounds = [(0, 50), (50, 100)]
+    blob = fastpath.encode_request(fastpath.OP_EVAL, 0, 2**64 - 1, None, (params, 0.25, SIZES, [0, 200], bounds))
+    op, step, fp, got_batch, (got, lr, sizes, starts, test_bounds) = fastpath.decode_request(blob, np.float32)
+    assert (op, fp, len(got_batch), lr, sizes, starts.tolist()) == (fastpath.OP_EVAL, 2**64 - 1, 0, 0.25, SIZES, [0, 200])
+    assert test_bounds.tolist() == [[0, 50], [50, 100]] and bits_equal(got, params)
+
+
+# ------------------------------------------------------------------ replicas, in-process
+
+
+class Driver:
+    """Drives Replica objects the way FastTransport drives the workers, without Ray."""
+
+    def __init__(self, node_data, workers, lr=0.1):
+        self.x = node_data[0]
+        self.starts = np.array([lo for lo, _ in data.shard_bounds(len(self.x), workers)])
+        self.bounds = data.shard_bounds(len(node_data[3]), workers)
+        self.replicas = [fastpath.Replica(r, node_data, np.float32) for r in range(workers)]
+        self.lr = lr
+
+    def round(self, op, step, params, batch, sync=False):
+        extra = (params, self.lr, SIZES, self.starts, self.bounds) if sync else None
+        blob = fastpath.encode_request(op, step, fastpath.fingerprint(params), batch, extra)
+        replies = [r.step(blob) for r in self.replicas]
+        applied = [r.apply(blob, replies) for r in self.replicas]
+        return replies, applied
+
+    def grads(self, replies, batch):
+        payloads = [memoryview(r)[fastpath._REPLY.size:] for r in replies]
+        return fastpath.total_grads(fastpath.per_worker_grads(batch, payloads, self.starts, self.x, SIZES, np.float32))
+
+
+def test_replicas_follow_the_loop_update_and_stale_ones_ask_for_weights(rows):
+    d = Driver(rows, 2)
+    params = params_for(3)
+    replies, applied = d.round(fastpath.OP_STEP, 0, params, np.arange(8))
+    assert [fastpath.reply_status(r) for r in replies] == [fastpath.SYNC] * 2 and applied == [b"skip"] * 2
+    rng = np.random.default_rng(0)
+    for step in range(6):
+        batch = rng.choice(400, 32, replace=False)
+        replies, _ = d.round(fastpath.OP_STEP, step, params, batch, sync=step == 0)
+        assert not any(map(fastpath.reply_status, replies))
+        params, _ = optim.step(params, optim.mean_grads(d.grads(replies, batch), 32), {}, d.lr)
+        assert all(bits_equal(r.params, params) for r in d.replicas), step
+    # applying the same step twice (an actor call run again after a failure) changes nothing
+    blob = fastpath.encode_request(fastpath.OP_STEP, 5, 0, batch)
+    assert d.replicas[0].apply(blob, replies) == b"skip" and bits_equal(d.replicas[0].params, params)
+    # weights the replicas did not compute (another update rule, a resume): SYNC, then in step
+    other = params_for(4)
+    replies, _ = d.round(fastpath.OP_EVAL, 0, other, None)
+    assert all(fastpath.reply_status(r) == fastpath.SYNC for r in replies)
+    replies, _ = d.round(fastpath.OP_EVAL, 0, other, None, sync=True)
+    _, _, tx, ty = rows
+    expected = mlp.evaluate_sums(other, mlp.scale_pixels(tx[:50]), ty[:50])
+    assert fastpath._REPLY.unpack_from(replies[0])[1:3] == expected[:2]
+
+
+def test_a_nonfinite_step_is_not_applied(rows):
+    d = Driver(rows, 2)
+    params = params_for(5)
+    params["W3"][0, 0] = np.inf
+    _, applied = d.round(fastpath.OP_STEP, 0, params, np.arange(32), sync=True)
+    assert applied == [b"skip"] * 2
+    assert all(bits_equal(r.params, params) for r in d.replicas)
+
+
+def test_config_allows_compiled_only_for_replica_friendly_jobs():
+    for bad in (['optimizer.name="gd"'], ["optimizer.momentum=0.9"]):
+        with pytest.raises(ConfigError, match="cluster.transport"):
+            config.load_job(None, [*bad, 'cluster.transport="compiled"'])
+    assert config.load_job(None, ['optimizer.name="sgd"', 'cluster.transport="compiled"'])
+
+
+# ----------------------------------------------------------------------------- with Ray
+
+
+@pytest.fixture(scope="module")
+def source():
+    return data.resolve("mnist-sample")
+
+
+def job_for(optimizer, transport, steps, workers=2):
+    return config.load_job(None, [f'optimizer.name="{optimizer}"', "optimizer.lr=0.1", "run.seed=11",
+                                  f"run.steps={steps}", "run.eval_every=7", f"cluster.workers={workers}",
+                                  "cluster.cpus_per_worker=0.5", f'cluster.transport="{transport}"'])
+
+
+def run(job, source, hooks=()):
+    backend = driver.RayBackend(source, job)
+    try:
+        used_fast = backend.fast is not None
+        return trainer.train(job, backend, hooks=[h(backend) for h in hooks]), used_fast, backend
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("optimizer,steps,workers", [("minibatch", 20, 2), ("sgd", 30, 2), ("minibatch", 9, 3)])
+def test_compiled_transport_equals_actor_calls_bit_for_bit(ray_session, source, optimizer, steps, workers):
+    fast, used_fast, _ = run(job_for(optimizer, "compiled", steps, workers), source)
+    slow, used_slow, _ = run(job_for(optimizer, "actors", steps, workers), source)
+    assert used_fast and not used_slow
+    assert fast.step == slow.step == steps
+    assert bits_equal(fast.params, slow.params)
+    assert fast.metrics["test_loss"] == slow.metrics["test_loss"]
+    assert fast.metrics["test_accuracy"] == slow.metrics["test_accuracy"]
+    assert fast.metrics["train_loss"] == slow.metrics["train_loss"]
+    assert 0 < fast.metrics["compute_s"] <= fast.metrics["step_s"]
+
+
+def test_auto_picks_the_graph_only_where_it_applies(ray_session, source):
+    for optimizer, momentum, expected in (("minibatch", 0.0, True), ("gd", 0.0, False), ("minibatch", 0.5, False)):
+        job = config.replace(job_for(optimizer, "auto", 1), optimizer={"momentum": momentum})
+        backend = driver.RayBackend(source, job)
+        try:
+            assert (backend.fast is not None) == expected, (optimizer, momentum)
+        finally:
+            backend.close()
+
+
+def test_direct_calls_with_unrelated_weights_resync_and_stay_exact(ray_session, source):
+    """grad_sums with weights the replicas never computed: they are sent, the result is exact."""
+    job = job_for("minibatch", "compiled", 1)
+    fast = driver.RayBackend(source, job)
+    slow = driver.RayBackend(source, config.replace(job, cluster={"transport": "actors"}))
+    try:
+        batch = np.array([3, 5000, 17, 7999, 4000, 0])
+        for seed in (1, 2, 2):
+            params = params_for(seed)
+            a, b = fast.grad_sums(params, batch, seed), slow.grad_sums(params, batch, seed)
+            assert bits_equal(a.grads, b.grads) and a.loss_sum == b.loss_sum and a.count == b.count == 6
+            assert fast.evaluate(params) == slow.evaluate(params)
+    finally:
+        fast.close()
+        slow.close()
+
+
+class KillAfter:
+    """Hook: SIGKILL worker rank's process after the given step (1-based)."""
+
+    def __init__(self, step, rank):
+        self.step, self.rank = step, rank
+
+    def __call__(self, backend):
+        self.backend = backend
+        return self
+
+    def on_start(self, state, info):
+        pass
+
+    def on_step(self, state, record):
+        if record["step"] == self.step:
+            import os
+            import signal
+            pid = self.backend.worker_info[self.rank]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                pass
+
+    def on_end(self, state, record):
+        pass
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_worker_tears_the_graph_down_recovers_and_rebuilds(ray_session, source, caplog):
+    job = job_for("minibatch", "compiled", 12)
+    reference, _, _ = run(job, source)
+    with caplog.at_level(logging.WARNING, logger="distmlp"):
+        state, used_fast, backend = run(job, source, [KillAfter(4, 1)])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("compiled graph failed" in m for m in messages), messages
+    assert any("worker 1" in m and "restarting" in m for m in messages), messages
+    assert used_fast and backend.failures == 1 and backend.fast.graph_failures == 1
+    assert bits_equal(state.params, reference.params)
