@@ -14,8 +14,11 @@ Exactness: the gradient sums are rebuilt per worker, in rank order, with the sam
 worker would run (single BLAS thread), so they equal the actor path's bit for bit. Every message
 carries a fingerprint of the weights the driver holds; a worker whose replica differs answers
 "sync" and the step is sent again with the full weights. On any failure the graph is torn down,
-the step goes through the actor path (which restarts workers and counts failures) and the graph
-is rebuilt for the next step.
+the same request goes over plain actor calls (which restart workers and count failures) and the
+graph is rebuilt for the next step.
+
+(A two-stage graph that sends every worker's factors straight to the other workers, so replicas
+update while the driver works, measured twice the round-trip time of this one-stage graph.)
 """
 
 import functools
@@ -35,8 +38,9 @@ log = logging.getLogger("distmlp")
 OP_STEP, OP_EVAL = 0, 1
 OK, SYNC = 0, 1
 MAX_GRAPH_FAILURES = 10  # graph rebuilds per run; after that every step goes over actor calls
-# op, step, weights fingerprint, batch rows, workers (0: no weights in the request)
-_REQUEST = struct.Struct("<qqQqq")
+# op, step, weights fingerprint, batch rows, workers (0: no weights in the request),
+# previous step (-1: no pending update), its batch rows
+_REQUEST = struct.Struct("<qqQqqqq")
 _REPLY = struct.Struct("<qqdd")  # status, rows (eval: correct), loss sum, compute seconds
 
 
@@ -149,37 +153,65 @@ def decode_params(buf, sizes, dtype):
     return params
 
 
-def encode_request(op, step, fp, batch, sync=None):
-    """One request for every worker. sync: (params, lr, sizes, starts, test bounds) or None."""
+def encode_request(op, step, fp, batch, sync=None, pending=None):
+    """One request for every worker.
+
+    sync: (params, lr, sizes, starts, test bounds) to (re)start the replicas, or None;
+    pending: (step, batch, every worker's factor payload in rank order) of the previous step,
+    whose update the training loop made, or None.
+    """
     batch = np.empty(0, np.int64) if batch is None else np.asarray(batch, np.int64)
-    parts = [_REQUEST.pack(op, step, fp, len(batch), 0 if sync is None else len(sync[3])), batch.tobytes()]
+    prev_step, prev_batch, payloads = pending if pending is not None else (-1, np.empty(0, np.int64), [])
+    head = _REQUEST.pack(op, step, fp, len(batch), 0 if sync is None else len(sync[3]), prev_step, len(prev_batch))
+    parts = [head, batch.tobytes(), np.asarray(prev_batch, np.int64).tobytes()]
     if sync is not None:
         params, lr, sizes, starts, test_bounds = sync
         parts += [struct.pack("<dq", lr, len(sizes)), np.asarray(sizes, np.int64).tobytes(),
                   np.asarray(starts, np.int64).tobytes(), np.asarray(test_bounds, np.int64).tobytes(),
                   encode_params(params)]
-    return b"".join(parts)
+    return b"".join([*parts, *payloads])
 
 
 def decode_request(blob, dtype):
-    """(op, step, fp, batch, sync or None) as encode_request took them."""
-    op, step, fp, n_batch, n_workers = _REQUEST.unpack_from(blob)
+    """(op, step, fp, batch, sync or None, pending or None) as encode_request took them.
+
+    The pending payload comes whole (a memoryview); split_payloads cuts it per worker.
+    """
+    op, step, fp, n_batch, n_workers, prev_step, n_prev = _REQUEST.unpack_from(blob)
     at = _REQUEST.size
     batch = np.frombuffer(blob, np.int64, n_batch, at)
-    if not n_workers:
-        return op, step, fp, batch, None
-    at += 8 * n_batch
-    lr, n_sizes = struct.unpack_from("<dq", blob, at)
-    at += 16
-    ints = np.frombuffer(blob, np.int64, n_sizes + 3 * n_workers, at)
-    sizes, starts = tuple(int(s) for s in ints[:n_sizes]), ints[n_sizes:n_sizes + n_workers]
-    test_bounds = ints[n_sizes + n_workers:].reshape(n_workers, 2)
-    params = decode_params(memoryview(blob)[at + 8 * len(ints):], sizes, dtype)
-    return op, step, fp, batch, (params, lr, sizes, starts, test_bounds)
+    prev_batch = np.frombuffer(blob, np.int64, n_prev, at + 8 * n_batch)
+    at += 8 * (n_batch + n_prev)
+    sync = None
+    if n_workers:
+        lr, n_sizes = struct.unpack_from("<dq", blob, at)
+        at += 16
+        ints = np.frombuffer(blob, np.int64, n_sizes + 3 * n_workers, at)
+        sizes, starts = tuple(int(s) for s in ints[:n_sizes]), ints[n_sizes:n_sizes + n_workers]
+        test_bounds = ints[n_sizes + n_workers:].reshape(n_workers, 2)
+        at += 8 * len(ints)
+        n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        params = decode_params(memoryview(blob)[at:at + n_params * np.dtype(dtype).itemsize], sizes, dtype)
+        at += n_params * np.dtype(dtype).itemsize
+        sync = (params, lr, sizes, starts, test_bounds)
+    pending = (prev_step, prev_batch, memoryview(blob)[at:]) if prev_step >= 0 else None
+    return op, step, fp, batch, sync, pending
+
+
+def split_payloads(payload, batch, starts, sizes, dtype):
+    """The concatenated factor payloads of a step cut into one per rank."""
+    counts = np.bincount(owners(batch, starts), minlength=len(starts))
+    row = (sum(sizes[1:]) + sum(sizes[1:-1])) * np.dtype(dtype).itemsize
+    cuts = np.concatenate([[0], np.cumsum(counts)]) * row
+    return [payload[cuts[r]:cuts[r + 1]] for r in range(len(starts))]
 
 
 def reply_status(reply):
     return _REPLY.unpack_from(reply)[0]
+
+
+def reply_payload(reply):
+    return memoryview(reply)[_REPLY.size:]
 
 
 # ------------------------------------------------------------------------- worker side
@@ -193,13 +225,15 @@ class Replica:
         self.train_x, self.train_y, self.all_test_x, self.all_test_y = node_data  # the node's copy
         self.params, self.applied = None, None
 
-    def step(self, blob):
+    def handle(self, blob):
         """One request -> this worker's reply: its factors, its evaluation sums, or SYNC."""
         t0 = time.perf_counter()
-        op, step, fp, batch, sync = decode_request(blob, self.dtype)
+        op, step, fp, batch, sync, pending = decode_request(blob, self.dtype)
         if sync is not None:
             self.params, self.lr, self.sizes, self.starts, test_bounds = sync
             self.test_range = slice(*test_bounds[self.rank])
+        elif pending is not None and self.params is not None and self.applied != pending[0]:
+            self._apply(*pending)
         if self.params is None or fingerprint(self.params) != fp:
             self.params = None
             return _REPLY.pack(SYNC, 0, 0.0, 0.0)
@@ -214,19 +248,12 @@ class Replica:
         deltas, hidden, loss_sum = factors(self.params, x, self.train_y[mine])
         return _REPLY.pack(OK, len(mine), loss_sum, time.perf_counter() - t0) + encode_factors(deltas, hidden, self.dtype)
 
-    def apply(self, blob, replies):
-        """After a step: the update the training loop makes from every worker's factors (once per step)."""
-        op, step, _, batch, _ = decode_request(blob, self.dtype)
-        if op != OP_STEP or self.params is None or self.applied == step or any(map(reply_status, replies)):
-            return b"skip"
-        payloads = [memoryview(r)[_REPLY.size:] for r in replies]
-        parts = per_worker_grads(batch, payloads, self.starts, self.train_x, self.sizes, self.dtype)
-        grads, loss_sum = total_grads(parts), loss_total(replies, parts)
-        if not finite(grads, loss_sum):  # the loop skips (or stops at) a non-finite step
-            return b"skip"
+    def _apply(self, step, batch, payload):
+        """The update the training loop made from step's gradient sums (once per step)."""
+        payloads = split_payloads(payload, batch, self.starts, self.sizes, self.dtype)
+        grads = total_grads(per_worker_grads(batch, payloads, self.starts, self.train_x, self.sizes, self.dtype))
         self.params, _ = optim.step(self.params, optim.mean_grads(grads, len(batch)), {}, self.lr)
         self.applied = step
-        return b"applied"
 
 
 def loss_total(replies, parts):
@@ -256,12 +283,10 @@ def eligible(job):
 class FastTransport:
     """Steps and evaluations of a RayBackend through one compiled graph over its actors.
 
-    The graph: every worker's fast_run(request) -> its reply, then every worker's
-    fast_apply(request, *all replies) -> its replica updated. The driver reads the replies,
-    and collects the apply results only before the next request, so the workers update their
-    replicas while the driver rebuilds the gradient sums and the loop updates its weights.
-    The same two calls go over plain actor calls (backend._call: restarts, failure budget)
-    when the graph fails, with the same arithmetic, so a recovered step gives the same bits.
+    Each request carries the previous step's factors (when the loop applied that step), so
+    the workers bring their replicas up to date before computing: one round trip per step.
+    When the graph fails, the same request goes over plain actor calls (backend._call:
+    restarts, failure budget) with the same arithmetic, so a recovered step gives the same bits.
     """
 
     def __init__(self, backend, job, train_x):
@@ -269,68 +294,46 @@ class FastTransport:
         self.sizes, self.dtype = tuple(job.model.sizes), np.dtype(job.model.dtype).type
         self.lr = job.optimizer.learning_rate
         self.train_x = train_x  # (n, 784) uint8, the node copy the driver reads rows from
-        self.graph, self.applying, self.graph_failures = None, None, 0
+        self.graph, self.pending, self.graph_failures = None, None, 0
         # one BLAS thread while the transport is open: the workers' matmuls, so the same bits
         self.blas_limit = ThreadpoolController().limit(limits=1, user_api="blas")
 
-    def _sync(self, params):
-        b = self.backend
-        return params, self.lr, self.sizes, b.starts, b.test_bounds
-
     def _build(self):
         from ray.dag import InputNode, MultiOutputNode
-        actors = self.backend.actors
         with InputNode() as request:
-            replies = [a.fast_run.bind(request) for a in actors]
-            applied = [a.fast_apply.bind(request, *replies) for a in actors]
-            dag = MultiOutputNode([*replies, *applied])
+            dag = MultiOutputNode([a.fast_run.bind(request) for a in self.backend.actors])
         self.graph = dag.experimental_compile()
 
     def _execute(self, blob):
         """Every worker's reply to blob through the graph (built on first use)."""
         try:
-            self._drain()
             if self.graph is None:
                 self._build()
-            refs = self.graph.execute(blob)
-            n = len(self.backend.actors)
-            replies = ray.get(refs[:n], timeout=self.backend.timeout)
-            self.applying = refs[n:]
-            return replies
+            return ray.get(self.graph.execute(blob), timeout=self.backend.timeout)
         except Exception as e:  # any channel, actor or timeout error: the graph is unusable
             self.graph_failures += 1
             log.warning("compiled graph failed (%s); this step goes over actor calls", type(e).__name__)
             self._close_graph()
             raise GraphFailed from None
 
-    def _drain(self):
-        if self.applying is not None:
-            refs, self.applying = self.applying, None
-            ray.get(refs, timeout=self.backend.timeout)
-
-    def _over_actors(self, blob, during):
-        """The graph's two calls as plain actor calls, with the backend's failure handling."""
-        calls = self.backend._call
-        n = len(self.backend.actors)
-        replies = calls({r: ("fast_run", (blob,)) for r in range(n)}, during)
-        replies = [replies[r] for r in range(n)]
-        calls({r: ("fast_apply", (blob, *replies)) for r in range(n)}, during)
-        return replies
-
     def _send(self, blob, during):
-        if self.graph_failures <= MAX_GRAPH_FAILURES:
+        if self.graph_failures < MAX_GRAPH_FAILURES:
             try:
                 return self._execute(blob)
             except GraphFailed:
                 pass
-        return self._over_actors(blob, during)
+        replies = self.backend._call({r: ("fast_run", (blob,)) for r in range(len(self.backend.actors))}, during)
+        return [replies[r] for r in range(len(replies))]
 
     def _round(self, op, step, params, batch, during):
         """Replies of every worker; stale replicas (a new worker, a different update) get the weights."""
         fp = fingerprint(params)
-        replies = self._send(encode_request(op, step, fp, batch), during)
+        replies = self._send(encode_request(op, step, fp, batch, pending=self.pending), during)
+        self.pending = None
         if any(map(reply_status, replies)):
-            replies = self._send(encode_request(op, step, fp, batch, self._sync(params)), during)
+            b = self.backend
+            sync = (params, self.lr, self.sizes, b.starts, b.test_bounds)
+            replies = self._send(encode_request(op, step, fp, batch, sync), during)
         return replies
 
     def grad_sums(self, params, batch, step):
@@ -338,14 +341,17 @@ class FastTransport:
         from distmlp import trainer
         replies = self._round(OP_STEP, step, params, batch, f"step {step + 1}")
         t0 = time.perf_counter()
-        payloads = [memoryview(r)[_REPLY.size:] for r in replies]
+        payloads = [reply_payload(r) for r in replies]
         parts = per_worker_grads(batch, payloads, self.backend.starts, self.train_x, self.sizes, self.dtype)
         bad = None
         for rank in sorted(parts):
             if bad is None and not finite(parts[rank], _REPLY.unpack_from(replies[rank])[2]):
                 bad = f"{rank} (pid {self.backend.worker_info[rank]['pid']})"
         compute_s = max(_REPLY.unpack_from(r)[3] for r in replies) + time.perf_counter() - t0
-        return trainer.StepResult(total_grads(parts), loss_total(replies, parts), len(batch), compute_s, bad)
+        result = trainer.StepResult(total_grads(parts), loss_total(replies, parts), len(batch), compute_s, bad)
+        if trainer.is_finite(result):  # the loop applies exactly these steps
+            self.pending = (step, batch, payloads)
+        return result
 
     def evaluate(self, params):
         """(correct, loss sum, count) over the held-out split, summed in rank order."""
@@ -361,7 +367,7 @@ class FastTransport:
             self.blas_limit = None
 
     def _close_graph(self):
-        graph, self.graph, self.applying = self.graph, None, None
+        graph, self.graph = self.graph, None
         if graph is not None:
             try:
                 graph.teardown()

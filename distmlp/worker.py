@@ -61,14 +61,11 @@ class ShardWorker:
     # -- fast transport (distmlp.fastpath): a weight replica, driven through a compiled graph
 
     def fast_run(self, request):
-        """fastpath.Replica.step on this worker's replica (made on first use)."""
+        """fastpath.Replica.handle on this worker's replica (made on first use)."""
         if self.replica is None:
             from distmlp import fastpath
             self.replica = fastpath.Replica(self.rank, self.node_data, self.dtype)
-        return self.replica.step(request)
-
-    def fast_apply(self, request, *replies):
-        return self.replica.apply(request, replies)
+        return self.replica.handle(request)
 
 
 RemoteShardWorker = ray.remote(ShardWorker)

@@ -1,0 +1,20 @@
+"""benchmarks/run.py --quick runs every comparison end to end and prints the table (no timing checks)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_quick_benchmark_runs_and_prints_the_table():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "comparison" in out and "median" in out
+    for row in ("single-process NumPy", "Ray, actor calls", "Ray, compiled graph + replicas",
+                "speed-up 2 workers vs 1", "2 workers / 1 worker", "seed per-example loop (extrapolated)",
+                "PyTorch"):
+        assert row in out, row
+    assert "us/step" in out and "s/epoch" in out and "RSS" in out
