@@ -35,6 +35,7 @@ class WorkerFailure(UserError, RuntimeError):
 # A worker is lost when its process (or its node) died, or its result went with its node.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 RESTART_TIMEOUT_S = 120  # a replacement worker must have loaded its shard by then
+RESTART_PAUSE_S = 1.0  # before starting again a replacement that died while starting
 
 
 def connect(address=None, num_cpus=None):
@@ -212,20 +213,31 @@ class RayBackend:
         self._await_restarted(sorted(failed))
 
     def _await_restarted(self, ranks):
-        """Wait until the replaced workers have loaded their shards; refresh their worker_info."""
+        """Wait until the replaced workers have loaded their shards, starting again any that died
+        on the way (placed on a node not yet known dead); refresh their worker_info."""
         t0 = time.perf_counter()
-        refs = [self.actors[rank].info.remote() for rank in ranks]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=RESTART_TIMEOUT_S)
-        for rank, ref in zip(ranks, refs):
-            if ref in pending:
-                raise WorkerFailure(f"worker {rank} could not be restarted within {RESTART_TIMEOUT_S} s; "
-                                    f"cluster resources: {ray.available_resources()}")
-            try:
-                self.worker_info[rank] = ray.get(ref)
-            except LOST as e:
-                raise WorkerFailure(f"worker {rank} died while restarting: "
-                                    f"{str(e).strip().splitlines()[0]}") from None
-        log.warning("worker(s) %s restarted in %.1f s", ", ".join(map(str, ranks)), time.perf_counter() - t0)
+        deadline = t0 + RESTART_TIMEOUT_S
+        while ranks:
+            refs = {rank: self.actors[rank].info.remote() for rank in ranks}
+            _, pending = ray.wait(list(refs.values()), num_returns=len(refs),
+                                  timeout=max(deadline - time.perf_counter(), 0))
+            ranks = []
+            for rank, ref in refs.items():
+                if ref in pending:
+                    raise WorkerFailure(f"worker {rank} could not be restarted within {RESTART_TIMEOUT_S} s; "
+                                        f"cluster resources: {ray.available_resources()}")
+                try:
+                    self.worker_info[rank] = ray.get(ref)
+                except LOST as e:
+                    if getattr(e, "actor_init_failed", False) or time.perf_counter() > deadline:
+                        raise WorkerFailure(f"worker {rank} could not be restarted: "
+                                            f"{str(e).strip().splitlines()[0]}") from None
+                    ranks.append(rank)
+            if ranks:
+                time.sleep(RESTART_PAUSE_S)
+            for rank in ranks:
+                self.actors[rank] = self._start(rank, self.source, self.dtype)
+        log.warning("worker(s) restarted in %.1f s", time.perf_counter() - t0)
 
     def _describe(self, rank):
         info = self.worker_info[rank]

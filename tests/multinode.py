@@ -2,10 +2,13 @@
 
 `python tests/multinode.py placement` trains with 2 workers on a head with no CPUs plus two
 1-CPU nodes, then with 1 worker, and prints one JSON line with the node ids and weights.
+`python tests/multinode.py node_loss` trains twice on that cluster, the second time removing the
+node of worker 1 after step 2 and adding a fresh node; it prints both runs' weights and timings.
 """
 
 import json
 import sys
+import time
 
 import numpy as np
 import ray
@@ -23,10 +26,10 @@ def start_cluster(worker_nodes=2):
     return cluster, nodes
 
 
-def train(job, source):
+def train(job, source, hooks=()):
     backend = driver.RayBackend(source, job)
     try:
-        state = trainer.train(job, backend)
+        state = trainer.train(job, backend, hooks=[h(backend) for h in hooks])
         return state, backend.worker_info
     finally:
         backend.close()
@@ -49,5 +52,53 @@ def placement():
         cluster.shutdown()
 
 
+class ReplaceNode:
+    """Hook: after step `after`, kill the node hosting worker `rank` and add a fresh 1-CPU node."""
+
+    def __init__(self, cluster, rank, after):
+        self.cluster, self.rank, self.after = cluster, rank, after
+        self.events = {}
+
+    def __call__(self, backend):
+        self.backend = backend
+        return self
+
+    def on_start(self, state, info):
+        pass
+
+    def on_step(self, state, record):
+        if record["step"] == self.after:
+            node_id = self.backend.worker_info[self.rank]["node_id"]
+            node = next(n for n in self.cluster.list_all_nodes() if n.node_id == node_id)
+            self.events["removed"], self.events["t_removed"] = node_id, time.perf_counter()
+            self.cluster.remove_node(node, allow_graceful=False)
+            self.events["added"] = self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1").node_id
+        elif record["step"] == self.after + 1:
+            self.events["recovery_s"] = time.perf_counter() - self.events.pop("t_removed")
+            self.events["failures"] = self.backend.failures
+
+    def on_end(self, state, record):
+        pass
+
+
+def node_loss():
+    cluster, _ = start_cluster()
+    try:
+        source = data.resolve("mnist-sample")
+        job = config.load_job(None, ["optimizer.name='gd'", "cluster.workers=2", "run.steps=5",
+                                     "cluster.step_timeout_s=30"])
+        clean, clean_info = train(job, source)
+        lose = ReplaceNode(cluster, rank=1, after=2)
+        failed, failed_info = train(job, source, [lose])
+        print(json.dumps({"clean": {k: v.tobytes().hex() for k, v in clean.params.items()},
+                          "failed": {k: v.tobytes().hex() for k, v in failed.params.items()},
+                          "nodes_before": [i["node_id"] for i in clean_info],
+                          "nodes_after": [i["node_id"] for i in failed_info],
+                          "steps": failed.step, **lose.events}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 if __name__ == "__main__":
-    {"placement": placement}[sys.argv[1]]()
+    {"placement": placement, "node_loss": node_loss}[sys.argv[1]]()

@@ -25,3 +25,13 @@ def test_workers_spread_over_two_nodes_and_match_one_worker():
         np.testing.assert_allclose(np.array(two["params"][name]), np.array(one["params"][name]),
                                    rtol=1e-4, atol=1e-5, err_msg=name)
     assert abs(two["accuracy"] - one["accuracy"]) <= 1e-3
+
+
+def test_losing_a_node_restarts_its_worker_on_a_new_node_bit_identical():
+    """The node of worker 1 is killed after step 2 and a fresh node added: same bits as unfailed."""
+    out = run_script("node_loss")
+    assert out["nodes_after"][1] == out["added"] != out["removed"]
+    assert out["removed"] not in out["nodes_after"]
+    assert out["failures"] == 1 and out["steps"] == 5
+    assert out["failed"] == out["clean"]  # hex of every weight's bytes
+    print(f"node loss: recovered in {out['recovery_s']:.1f} s (node added, worker restarted, step recomputed)")
