@@ -47,11 +47,12 @@ class ShardWorker:
     def grad_sums(self, params, local_indices, step):
         """Gradient sums over local_indices (None: the whole shard), tagged with the step."""
         t0 = time.perf_counter()
-        if local_indices is None:
-            x, y = self.train_x, self.train_y
+        if local_indices is None:  # the whole shard (gd): in cache-sized chunks (fastpath)
+            from distmlp import fastpath
+            grads, loss_sum, count = fastpath.chunked_grad_sums(params, self.train_x, self.train_y, self.dtype)
         else:
             x, y = self.train_x[local_indices], self.train_y[local_indices]
-        grads, loss_sum, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x, self.dtype), y)
+            grads, loss_sum, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x, self.dtype), y)
         return step, grads, loss_sum, count, time.perf_counter() - t0
 
     def evaluate(self, params):

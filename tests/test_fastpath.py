@@ -6,6 +6,7 @@ compiled graph drives them; the Ray tests compare whole runs of both transports.
 """
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -254,3 +255,28 @@ def test_a_killed_worker_tears_the_graph_down_recovers_and_rebuilds(ray_session,
     assert any("worker 1" in m and "restarting" in m for m in messages), messages
     assert used_fast and backend.failures == 1 and backend.fast.graph_failures == 1
     assert bits_equal(state.params, reference.params)
+
+
+@pytest.mark.parametrize("n,chunk", [(400, 1024), (400, 128), (399, 100), (1, 7)])
+def test_chunked_full_batch_sums_equal_one_pass_within_rounding(rows, n, chunk):
+    x8, y, _, _ = rows
+    params = params_for(6, np.float64)
+    expected, loss, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x8[:n], np.float64), y[:n])
+    got, got_loss, got_count = fastpath.chunked_grad_sums(params, x8[:n], y[:n], np.float64, chunk)
+    assert got_count == count == n and got_loss == pytest.approx(loss, rel=1e-12)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    if n <= chunk:
+        assert bits_equal(got, expected)
+
+
+def test_nonfinite_steps_are_skipped_and_reported_as_over_actor_calls(ray_session, source):
+    """lr 1e6 with on_nonfinite = "skip": the same steps skipped, the same step and worker named."""
+    outcomes = []
+    for transport in ("compiled", "actors"):
+        job = config.replace(job_for("minibatch", transport, 12), optimizer={"lr": 1e6},
+                             run={"on_nonfinite": "skip"})
+        with pytest.raises(trainer.DivergenceError) as info:
+            run(job, source)
+        outcomes.append(re.sub(r"pid \d+", "pid _", str(info.value)))
+    assert outcomes[0] == outcomes[1] and "in worker" in outcomes[0]
