@@ -227,6 +227,8 @@ def _parse_json(path, data):
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -246,7 +248,7 @@ def _parse_job(path, data):
         return config.job_from_dict(_parse_json(path, data), source=str(path))
     except config.ConfigError as e:
         message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
-        raise CheckpointError(message) from None
+        raise CheckpointError(message.replace("\r", "\\r").replace("\n", "\\n")) from None  # keys may hold newlines
 
 
 def _read_arrays(path, data):
@@ -254,7 +256,7 @@ def _read_arrays(path, data):
     try:
         table = pq.read_table(pa.BufferReader(data), use_threads=False)  # threads: abort at exit (pyarrow 26)
     except (pa.ArrowException, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable Parquet file: {e}") from None
+        raise CheckpointError(f"{path}: not a readable Parquet file: {' '.join(str(e).split())}") from None
     if not table.schema.equals(ARRAY_SCHEMA):
         found = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
         raise CheckpointError(f"{path}: columns ({found}), expected "
