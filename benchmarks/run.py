@@ -91,23 +91,27 @@ def run_ray(j, source, measure=None):
 
 
 def worker_memory(backend):
-    """Summed RSS, PSS, USS and peak RSS (VmHWM) of the worker processes, in MB."""
-    import psutil
+    """Summed RSS, PSS, USS and peak RSS of the worker processes in MB, from /proc (Linux)."""
     total = {"rss": 0, "pss": 0, "uss": 0, "peak": 0}
     for info in backend.worker_info:
-        m = psutil.Process(info["pid"]).memory_full_info()
-        for key in ("rss", "pss", "uss"):
-            total[key] += getattr(m, key)
-        total["peak"] += _vm_hwm(info["pid"])
-    return {key: value / 2**20 for key, value in total.items()}
+        kb = _proc_kb(info["pid"], "smaps_rollup") | _proc_kb(info["pid"], "status")
+        total["rss"] += kb["Rss"]
+        total["pss"] += kb["Pss"]
+        total["uss"] += kb["Private_Clean"] + kb["Private_Dirty"]
+        total["peak"] += kb["VmHWM"]
+    return {key: value / 1024 for key, value in total.items()}
 
 
-def _vm_hwm(pid):
-    with open(f"/proc/{pid}/status") as f:
+def _proc_kb(pid, name):
+    """{field: kB} of the "Field:   123 kB" lines of /proc/<pid>/<name>."""
+    out = {}
+    with open(f"/proc/{pid}/{name}") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[key] = int(parts[0])
+    return out
 
 
 # ----------------------------------------------------------------------------- sections
@@ -166,6 +170,27 @@ def gd_epochs(source, p, rows):
     ratio = {key: memory[2][key] / memory[1][key] for key in memory[1]}
     rows.append(("", "2 workers / 1 worker", f"RSS {ratio['rss']:.2f}x",
                  f"PSS {ratio['pss']:.2f}x, USS {ratio['uss']:.2f}x, peak {ratio['peak']:.2f}x; target 3: < 1.5x"))
+    bare = bare_actor_rss()
+    above = {w: memory[w]["rss"] - w * bare for w in memory}
+    rows.append(("", "a bare Ray actor (no data)", f"RSS {bare:.0f} MB",
+                 f"above n x bare: 1 worker {above[1]:.0f} MB, 2 workers {above[2]:.0f} MB "
+                 f"({above[2] / above[1]:.2f}x)"))
+
+
+def bare_actor_rss():
+    """RSS in MB of an idle Ray actor that imports nothing: the fixed cost of a worker process."""
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    class Bare:
+        def pid(self):
+            return os.getpid()
+
+    actor = Bare.remote()
+    try:
+        return _proc_kb(ray.get(actor.pid.remote()), "smaps_rollup")["Rss"] / 1024
+    finally:
+        ray.kill(actor)
 
 
 def seed_loop(source, p, rows, fast_step_s, local_step_s):
