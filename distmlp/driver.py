@@ -98,10 +98,13 @@ class RayBackend:
             remove_placement_group(self.pg)
             raise ClusterError(f"cannot place {c.workers} workers of {c.cpus_per_worker} CPU each "
                                f"({c.placement}); cluster resources: {ray.cluster_resources()}")
-        # fast transport hook (fastpath.py): the data set once per node, then the step transport
+        # The data set once per node, read zero-copy by the workers there, when every worker shares
+        # one node (the fast transport reads any row) or the compiled transport is asked for;
+        # otherwise each worker loads only its own shard and no node holds rows it does not use.
         bundle_nodes = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
         self.bundle_nodes = [bundle_nodes[rank] for rank in range(c.workers)]
-        self.node_data = fastpath.put_per_node(source, self.bundle_nodes)
+        shared = len(set(self.bundle_nodes)) == 1 or c.transport == "compiled"
+        self.node_data = fastpath.put_per_node(source, self.bundle_nodes) if shared else {}
         self.actors = [self._start(rank, source, job.model.dtype) for rank in range(c.workers)]
         self.worker_info = ray.get([a.info.remote() for a in self.actors])
         self.fast = self._fast_transport(job)
@@ -111,7 +114,7 @@ class RayBackend:
         here = ray.get_runtime_context().get_node_id()
         wanted = job.cluster.transport == "compiled" or (
             job.cluster.transport == "auto" and set(self.bundle_nodes) == {here})
-        if not (wanted and fastpath.eligible(job)):
+        if not (wanted and self.node_data and fastpath.eligible(job)):
             return None
         node = here if here in self.node_data else self.bundle_nodes[0]
         return fastpath.FastTransport(self, job, ray.get(self.node_data[node])[0])
@@ -129,7 +132,7 @@ class RayBackend:
             max_restarts=0, max_task_retries=0, runtime_env={"env_vars": BLAS_ENV},
             name=None,
         ).remote(rank, source, self.train_bounds[rank], self.test_bounds[rank], dtype,
-                 node_data=[self.node_data[self.bundle_nodes[rank]]])
+                 node_data=[self.node_data[self.bundle_nodes[rank]]] if self.node_data else None)
 
     def nodes(self):
         return sorted({info["node_id"] for info in self.worker_info})

@@ -30,7 +30,7 @@ def train(job, source, hooks=()):
     backend = driver.RayBackend(source, job)
     try:
         state = trainer.train(job, backend, hooks=[h(backend) for h in hooks])
-        return state, backend.worker_info
+        return state, [dict(info, node_copies=len(backend.node_data)) for info in backend.worker_info]
     finally:
         backend.close()
 
@@ -43,7 +43,8 @@ def placement():
         for workers in (2, 1):
             job = config.load_job(None, ["optimizer.name='gd'", f"cluster.workers={workers}", "run.steps=3"])
             state, info = train(job, source)
-            out[workers] = {"nodes": [i["node_id"] for i in info],
+            out[workers] = {"nodes": [i["node_id"] for i in info], "node_copies": info[0]["node_copies"],
+                            "n_train": [i["n_train"] for i in info],
                             "params": {k: v.tolist() for k, v in state.params.items()},
                             "accuracy": state.metrics["test_accuracy"]}
         print(json.dumps(out))

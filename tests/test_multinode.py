@@ -21,6 +21,8 @@ def test_workers_spread_over_two_nodes_and_match_one_worker():
     out = run_script("placement")
     two, one = out["2"], out["1"]
     assert len(set(two["nodes"])) == 2, "SPREAD placement put both workers on one node"
+    # across nodes every worker loads only its own shard: no node gets a copy of the whole data set
+    assert two["node_copies"] == 0 and two["n_train"] == [4000, 4000]
     for name in one["params"]:
         np.testing.assert_allclose(np.array(two["params"][name]), np.array(one["params"][name]),
                                    rtol=1e-4, atol=1e-5, err_msg=name)
