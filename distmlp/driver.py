@@ -41,11 +41,12 @@ RESTART_PAUSE_S = 1.0  # before starting again a replacement that died while sta
 def connect(address=None, num_cpus=None):
     """Join a cluster (address or "auto"), or start an embedded local Ray; True if we started it."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        _probe(address)
     if ray.is_initialized():
         return False
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
     if address:
-        _probe(address)
         try:
             ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
