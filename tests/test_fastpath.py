@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from distmlp import config, data, driver, fastpath, mlp, optim, trainer
+from hooks import AtStep, kill
 from distmlp.config import ConfigError
 
 SIZES = (784, 16, 16, 10)
@@ -210,46 +211,12 @@ def test_direct_calls_with_unrelated_weights_resync_and_stay_exact(ray_session, 
         slow.close()
 
 
-class KillAfter:
-    """Hook: SIGKILL worker rank's process after the given step (1-based)."""
-
-    def __init__(self, step, rank):
-        self.step, self.rank = step, rank
-
-    def __call__(self, backend):
-        self.backend = backend
-        return self
-
-    def on_start(self, state, info):
-        pass
-
-    def on_step(self, state, record):
-        if record["step"] == self.step:
-            import os
-            import signal
-            pid = self.backend.worker_info[self.rank]["pid"]
-            os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                pass
-
-    def on_end(self, state, record):
-        pass
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_killed_worker_tears_the_graph_down_recovers_and_rebuilds(ray_session, source, caplog):
     """transport auto (one node): the graph; the reference is the same job over actor calls."""
     job = job_for("minibatch", "auto", 10)
     reference, _, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
     with caplog.at_level(logging.WARNING, logger="distmlp"):
-        state, used_fast, backend = run(job, source, [KillAfter(4, 1)])
+        state, used_fast, backend = run(job, source, [AtStep(4, kill(1))])
     messages = [r.getMessage() for r in caplog.records]
     assert any("compiled graph failed" in m for m in messages), messages
     assert any("worker 1" in m and "restarting" in m for m in messages), messages

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import ray.cloudpickle
 from typer.testing import CliRunner
@@ -22,7 +21,8 @@ from typer.testing import CliRunner
 from distmlp import checkpoint, config, data, driver, trainer
 from distmlp.cli import app
 from distmlp.worker import ShardWorker
-from test_resume import alive, descendants, distmlp_cmd, env
+from hooks import AtStep, alive, kill
+from test_resume import descendants, distmlp_cmd, env
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # worker processes cannot import tests/
 
@@ -60,39 +60,6 @@ def assert_bit_identical(a, b):
     assert a.step == b.step
     for name in b.params:
         assert a.params[name].tobytes() == b.params[name].tobytes(), name
-
-
-class AtStep:
-    """Hook: calls action(backend) once, after the given step (1-based) completed."""
-
-    def __init__(self, step, action):
-        self.step, self.action = step, action
-
-    def __call__(self, backend):
-        self.backend = backend
-        return self
-
-    def on_start(self, state, info):
-        pass
-
-    def on_step(self, state, record):
-        if record["step"] == self.step:
-            self.action(self.backend)
-
-    def on_end(self, state, record):
-        pass
-
-
-def kill(rank, sig=signal.SIGKILL, log=None):
-    """Action: send sig to worker rank's process (SIGKILL: and wait until it is gone)."""
-    def action(backend):
-        pid = backend.worker_info[rank]["pid"]
-        os.kill(pid, sig)
-        if log is not None:
-            log.append((pid, time.perf_counter()))
-        while sig == signal.SIGKILL and alive(pid):
-            time.sleep(0.01)
-    return action
 
 
 class SlowAtStep(ShardWorker):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import seed_reference as seed
+from hooks import alive
 from distmlp import checkpoint, data, trainer
 
 JOBS = {  # optimizer -> (steps, checkpoint_every): long enough to be killed mid-run
@@ -110,14 +111,6 @@ def kill_tree(proc):
     while any(alive(pid) for pid in tree):
         assert time.monotonic() < deadline, f"processes survived SIGKILL: {[p for p in tree if alive(p)]}"
         time.sleep(0.05)
-
-
-def alive(pid):
-    """True while pid runs (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def kill_after_checkpoint(job_file, run_dir):

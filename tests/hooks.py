@@ -1,0 +1,47 @@
+"""Fault-injection hooks for the training loop, shared by the fault and fast-path tests."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def alive(pid):
+    """True while pid runs (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class AtStep:
+    """Hook: calls action(backend) once, after the given step (1-based) completed."""
+
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def __call__(self, backend):
+        self.backend = backend
+        return self
+
+    def on_start(self, state, info):
+        pass
+
+    def on_step(self, state, record):
+        if record["step"] == self.step:
+            self.action(self.backend)
+
+    def on_end(self, state, record):
+        pass
+
+
+def kill(rank, sig=signal.SIGKILL, log=None):
+    """Action: send sig to worker rank's process (SIGKILL: and wait until it is gone)."""
+    def action(backend):
+        pid = backend.worker_info[rank]["pid"]
+        os.kill(pid, sig)
+        if log is not None:
+            log.append((pid, time.perf_counter()))
+        while sig == signal.SIGKILL and alive(pid):
+            time.sleep(0.01)
+    return action
