@@ -10,11 +10,11 @@ import json
 import sys
 import time
 
-import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
 from distmlp import config, data, driver, trainer
+from hooks import AtStep
 
 
 def start_cluster(worker_nodes=2):
@@ -53,33 +53,23 @@ def placement():
         cluster.shutdown()
 
 
-class ReplaceNode:
-    """Hook: after step `after`, kill the node hosting worker `rank` and add a fresh 1-CPU node."""
+def replace_node(cluster, rank, events):
+    """Action: kill the node hosting worker rank (no grace) and add a fresh 1-CPU node."""
+    def action(backend):
+        node_id = backend.worker_info[rank]["node_id"]
+        node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+        events["removed"], events["t_removed"] = node_id, time.perf_counter()
+        cluster.remove_node(node, allow_graceful=False)
+        events["added"] = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1").node_id
+    return action
 
-    def __init__(self, cluster, rank, after):
-        self.cluster, self.rank, self.after = cluster, rank, after
-        self.events = {}
 
-    def __call__(self, backend):
-        self.backend = backend
-        return self
-
-    def on_start(self, state, info):
-        pass
-
-    def on_step(self, state, record):
-        if record["step"] == self.after:
-            node_id = self.backend.worker_info[self.rank]["node_id"]
-            node = next(n for n in self.cluster.list_all_nodes() if n.node_id == node_id)
-            self.events["removed"], self.events["t_removed"] = node_id, time.perf_counter()
-            self.cluster.remove_node(node, allow_graceful=False)
-            self.events["added"] = self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1").node_id
-        elif record["step"] == self.after + 1:
-            self.events["recovery_s"] = time.perf_counter() - self.events.pop("t_removed")
-            self.events["failures"] = self.backend.failures
-
-    def on_end(self, state, record):
-        pass
+def note_recovery(events):
+    """Action: time since the node was removed, and the failures the driver counted."""
+    def action(backend):
+        events["recovery_s"] = time.perf_counter() - events.pop("t_removed")
+        events["failures"] = backend.failures
+    return action
 
 
 def node_loss():
@@ -89,13 +79,14 @@ def node_loss():
         job = config.load_job(None, ["optimizer.name='gd'", "cluster.workers=2", "run.steps=5",
                                      "cluster.step_timeout_s=30"])
         clean, clean_info = train(job, source)
-        lose = ReplaceNode(cluster, rank=1, after=2)
-        failed, failed_info = train(job, source, [lose])
+        events = {}
+        failed, failed_info = train(job, source, [AtStep(2, replace_node(cluster, 1, events)),
+                                                  AtStep(3, note_recovery(events))])
         print(json.dumps({"clean": {k: v.tobytes().hex() for k, v in clean.params.items()},
                           "failed": {k: v.tobytes().hex() for k, v in failed.params.items()},
                           "nodes_before": [i["node_id"] for i in clean_info],
                           "nodes_after": [i["node_id"] for i in failed_info],
-                          "steps": failed.step, **lose.events}))
+                          "steps": failed.step, **events}))
     finally:
         ray.shutdown()
         cluster.shutdown()
