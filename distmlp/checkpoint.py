@@ -446,6 +446,10 @@ class CheckpointHook:
         self._steps_per_epoch = info["steps_per_epoch"]
         clean_leftovers(checkpoints_dir(self.run_dir))
 
+    def next_stop(self, step):
+        """The next step to save at: the training loop has the weights there (mesh rounds end)."""
+        return (step // self.every + 1) * self.every if self.every > 0 else None
+
     def on_step(self, state, record):
         if self.every > 0 and record["step"] % self.every == 0:
             self._save(state)

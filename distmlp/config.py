@@ -25,7 +25,7 @@ SAMPLINGS = ("shuffle", "sample", "sequential")
 DTYPES = ("float32", "float64")
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 NONFINITE_POLICIES = ("stop", "skip")
-TRANSPORTS = ("auto", "actors", "compiled")
+TRANSPORTS = ("auto", "actors", "compiled", "mesh")
 CHECKPOINT_FORMATS = ("parquet",)
 
 # The seed notebook's learning rates.
@@ -90,9 +90,11 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0  # CPUs each worker actor reserves
     max_failures: int = 3  # worker failures survived per run; -1 unlimited
     step_timeout_s: float = 60.0  # a step slower than this counts as a worker failure
-    # step transport: "actors" (weights out, gradients back), "compiled" (weight replicas and
-    # gradient factors through a Ray compiled graph; minibatch/sgd without momentum), "auto"
-    # (compiled when allowed and every worker is on the driver's node)
+    # step transport: "actors" (weights out, gradients back every step), "compiled" (weight
+    # replicas and gradient factors through a Ray compiled graph; minibatch/sgd without
+    # momentum), "mesh" (workers on the driver's node sum each other's gradients through shared
+    # memory, many steps per call), "auto" (mesh when every worker is on the driver's node,
+    # else actors)
     transport: str = "auto"
 
 

@@ -17,7 +17,7 @@ from ray._private import ray_constants
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distmlp import data, fastpath, optim, trainer
+from distmlp import data, fastpath, mesh, optim, trainer
 from distmlp.errors import UserError
 from distmlp.worker import BLAS_ENV, RemoteShardWorker
 
@@ -109,14 +109,31 @@ class RayBackend:
         self.actors = [self._start(rank, source, job.model.dtype) for rank in range(c.workers)]
         self.worker_info = ray.get([a.info.remote() for a in self.actors])
         self.fast = self._fast_transport(job)
+        self.mesh = self._mesh_transport(job)
+
+    def _mesh_transport(self, job):
+        """mesh.MeshTransport for transport auto or mesh when every worker is on the driver's node."""
+        t = job.cluster.transport
+        if t not in ("auto", "mesh"):
+            return None
+        if mesh.eligible(self, ray.get_runtime_context().get_node_id()):
+            return mesh.MeshTransport(self, job)
+        if t == "mesh":
+            self.close()
+            raise ClusterError("cluster.transport = mesh needs every worker on the driver's node; "
+                               f"the workers were placed on {len(set(self.bundle_nodes))} node(s) "
+                               "(use transport auto, actors or compiled)")
+        return None
+
+    def run_steps(self, state, stop):
+        """Steps state.step.. (up to stop) in one round over the workers' mesh, or None (see mesh)."""
+        return self.mesh.run_steps(state, stop) if self.mesh is not None else None
 
     def _fast_transport(self, job):
-        """fastpath.FastTransport when cluster.transport and the job allow it, else None."""
-        here = ray.get_runtime_context().get_node_id()
-        wanted = job.cluster.transport == "compiled" or (
-            job.cluster.transport == "auto" and set(self.bundle_nodes) == {here})
-        if not (wanted and self.node_data and fastpath.eligible(job)):
+        """fastpath.FastTransport when cluster.transport = compiled and the job allows it, else None."""
+        if not (job.cluster.transport == "compiled" and self.node_data and fastpath.eligible(job)):
             return None
+        here = ray.get_runtime_context().get_node_id()
         node = here if here in self.node_data else self.bundle_nodes[0]
         return fastpath.FastTransport(self, job, ray.get(self.node_data[node])[0])
 
@@ -187,19 +204,24 @@ class RayBackend:
         failure gives the same bits, and nothing is applied until every worker has answered.
         """
         while True:
-            refs = {rank: getattr(self.actors[rank], m).remote(*args) for rank, (m, args) in calls.items()}
-            _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
-            failed = {rank: f"timed out (cluster.step_timeout_s = {self.timeout:g})"
-                      for rank, ref in refs.items() if ref in pending}
-            values = {}
-            for rank in sorted(refs.keys() - failed.keys()):
-                try:
-                    values[rank] = ray.get(refs[rank])  # ready: no waiting
-                except LOST:
-                    failed[rank] = "died"
+            values, failed = self._run_once(calls, self.timeout)
             if not failed:
                 return values
             self._on_failure(failed, during)
+
+    def _run_once(self, calls, timeout):
+        """({rank: result}, {rank: what went wrong}) of one attempt at {rank: (method, args)}."""
+        refs = {rank: getattr(self.actors[rank], m).remote(*args) for rank, (m, args) in calls.items()}
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        failed = {rank: f"timed out (cluster.step_timeout_s = {self.timeout:g})"
+                  for rank, ref in refs.items() if ref in pending}
+        values = {}
+        for rank in sorted(refs.keys() - failed.keys()):
+            try:
+                values[rank] = ray.get(refs[rank])  # ready: no waiting
+            except LOST:
+                failed[rank] = "died"
+        return values, failed
 
     def _on_failure(self, failed, during):
         """Spend one failure per lost worker, then replace each by a new actor in its bundle."""
@@ -250,6 +272,8 @@ class RayBackend:
     def close(self):
         if self.fast is not None:  # fast transport hook
             self.fast.close()
+        if getattr(self, "mesh", None) is not None:
+            self.mesh.close()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.pg)

@@ -80,31 +80,50 @@ def train(job, backend, state=None, hooks=()):
     for hook in hooks:
         hook.on_start(state, info)
     record = state.metrics
+    run_steps = getattr(backend, "run_steps", None)  # a backend that runs many steps per call
     while state.step < steps:
         t0 = time.perf_counter()
-        batch = sampler.batch(state.step)
-        result = backend.grad_sums(state.params, batch, state.step)
-        update = _update(state, result, lr, momentum) if is_finite(result) else None
-        if update is not None:
-            state.params, state.opt_state = update
+        done = run_steps(state, _next_stop(state.step, steps, eval_every, hooks)) if run_steps else None
+        if not done:  # one step here: gradient sums from the backend, update, divergence policy
+            batch = sampler.batch(state.step)
+            result = backend.grad_sums(state.params, batch, state.step)
+            update = _update(state, result, lr, momentum) if is_finite(result) else None
+            if update is not None:
+                state.params, state.opt_state = update
+                state.nonfinite_streak = 0
+            else:
+                _on_nonfinite(job, state, result)
+            wall = time.perf_counter() - t0
+            done = [(result.loss_sum, result.count, result.compute_s, wall)]
+        else:  # already applied by the backend, all finite
             state.nonfinite_streak = 0
-        else:
-            _on_nonfinite(job, state, result)
-        state.step += 1
-        state.samples_seen += result.count
-        wall = time.perf_counter() - t0
-        record = {"step": state.step, "epoch": state.step / sampler.steps_per_epoch,
-                  "samples_seen": state.samples_seen, "train_loss": result.loss_sum / result.count,
-                  "lr": lr, "step_s": wall, "compute_s": result.compute_s,
-                  "comm_s": max(wall - result.compute_s, 0.0)}
-        if (eval_every and state.step % eval_every == 0) or state.step == steps:
-            record.update(evaluate(backend, state.params))
-        state.metrics = record
-        for hook in hooks:
-            hook.on_step(state, record)
+        for loss_sum, count, compute_s, wall in done:
+            state.step += 1
+            state.samples_seen += count
+            record = {"step": state.step, "epoch": state.step / sampler.steps_per_epoch,
+                      "samples_seen": state.samples_seen, "train_loss": loss_sum / count,
+                      "lr": lr, "step_s": wall, "compute_s": compute_s, "comm_s": max(wall - compute_s, 0.0)}
+            if (eval_every and state.step % eval_every == 0) or state.step == steps:
+                record.update(evaluate(backend, state.params))
+            state.metrics = record
+            for hook in hooks:
+                hook.on_step(state, record)
     for hook in hooks:
         hook.on_end(state, record)
     return state
+
+
+def _next_stop(step, steps, eval_every, hooks):
+    """The first step after `step` at which the loop needs the weights: evaluation, the end, or a
+    hook's next_stop(step) (checkpoints; test hooks acting between steps)."""
+    stops = [steps]
+    if eval_every:
+        stops.append((step // eval_every + 1) * eval_every)
+    for hook in hooks:
+        at = hook.next_stop(step) if hasattr(hook, "next_stop") else None
+        if at is not None:
+            stops.append(at)
+    return min(stops)
 
 
 def _update(state, result, lr, momentum):

@@ -38,6 +38,7 @@ class ShardWorker:
             self.train_x, self.train_y = train_x[slice(*train_range)], train_y[slice(*train_range)]
             self.test_x, self.test_y = test_x[slice(*test_range)], test_y[slice(*test_range)]
         self.replica = None
+        self.mesh = None
 
     def info(self):
         ctx = ray.get_runtime_context()
@@ -67,6 +68,16 @@ class ShardWorker:
             from distmlp import fastpath
             self.replica = fastpath.Replica(self.rank, self.node_data, self.dtype)
         return self.replica.handle(request)
+
+
+    # -- mesh transport (distmlp.mesh): rounds of steps, gradient sums shared with the other workers
+
+    def mesh_run(self, start, request):
+        """mesh.MeshWorker.run: steps request["first"].. from start = (params, opt_state)."""
+        if self.mesh is None:
+            from distmlp import mesh
+            self.mesh = mesh.MeshWorker(self)
+        return self.mesh.run(start, request)
 
 
 RemoteShardWorker = ray.remote(ShardWorker)

@@ -27,6 +27,10 @@ class AtStep:
     def on_start(self, state, info):
         pass
 
+    def next_stop(self, step):
+        """Rounds of steps (mesh transport) end at our step, so the action runs between steps."""
+        return self.step if step < self.step else None
+
     def on_step(self, state, record):
         if record["step"] == self.step:
             self.action(self.backend)

@@ -212,8 +212,8 @@ def test_direct_calls_with_unrelated_weights_resync_and_stay_exact(ray_session, 
 
 
 def test_a_killed_worker_tears_the_graph_down_recovers_and_rebuilds(ray_session, source, caplog):
-    """transport auto (one node): the graph; the reference is the same job over actor calls."""
-    job = job_for("minibatch", "auto", 10)
+    """transport compiled: the graph; the reference is the same job over actor calls."""
+    job = job_for("minibatch", "compiled", 10)
     reference, _, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
     with caplog.at_level(logging.WARNING, logger="distmlp"):
         state, used_fast, backend = run(job, source, [AtStep(4, kill(1))])

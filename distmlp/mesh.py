@@ -1,0 +1,384 @@
+"""The one-node transport: workers sum each other's gradients through shared memory, many steps per call.
+
+On one node the driver does not need to be on the critical path of a step at all. Each worker
+holds the weights (and momentum), draws the step's global batch from the same counter-based
+sampler as the driver, computes the gradient sums of its own examples (ShardWorker.grad_sums,
+as over actor calls), writes them into its slot of a shared-memory file, and tells every other
+worker over a Unix socket (24 bytes: step, loss sum, count). Then every worker adds the slots
+in rank order, divides by the total count and applies the update: the same arithmetic, in the
+same order, as the driver of the actor transport, so the weights are the same bits in every
+worker and equal to the actor transport's.
+
+The driver asks for a round of steps at a time (one actor call per worker) and gets back each
+step's loss, count and timings, and the weights at the end. A round ends at the next point where
+the training loop needs the weights (evaluation, checkpoint, a hook's step, the end), after
+ROUND_S seconds, or before a step whose sum or update is not finite (the loop then runs that
+step over actor calls and applies its divergence policy). Rank 0 decides the time-based end and
+tells the others in the header of the step, so every worker stops after the same step.
+
+Failure: a worker that dies closes its sockets, so its peers see end-of-file at once; a hung
+worker makes them time out after cluster.step_timeout_s. Either way the round is abandoned,
+the driver replaces the lost worker (RayBackend._on_failure: counted, restarted), opens a new
+generation of sockets and runs the round again from the weights it started with: the same bits.
+
+Per step only 24 bytes per peer cross a socket; the gradient sums (4 bytes per parameter) are
+read straight from the peer's shared-memory slot (double-buffered by step parity: a worker can
+only reach step s+1 once every peer has finished reading step s-1's slots).
+"""
+
+import logging
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import time
+
+import numpy as np
+import ray
+
+from distmlp import fastpath, mlp, optim
+from distmlp.sampling import Sampler
+
+log = logging.getLogger("distmlp")
+
+ROUND_S = 0.5  # a round ends after about this long, so the driver reports progress
+MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: per-step actor calls
+_HEADER = struct.Struct("<qdqq")  # step, loss sum, count, rank 0: last step of the round (1) or not (0)
+OK, NONFINITE, BROKEN = "ok", "nonfinite", "broken"
+
+
+class MeshBroken(Exception):
+    """A peer closed its socket or did not answer within the step timeout."""
+
+    def __init__(self, step, rank, why):
+        super().__init__(f"worker {rank} {why} " + (f"during step {step + 1}" if step >= 0 else "while connecting"))
+        self.step, self.rank, self.why = step, rank, why
+
+
+# ---------------------------------------------------------------------------- flat weights
+
+
+def flatten(arrays, names, out=None):
+    """The arrays of a params-like dict, in names order, as one flat array (into out if given)."""
+    flat = [arrays[name].reshape(-1) for name in names]
+    return np.concatenate(flat, out=out)
+
+
+def layout(params, names):
+    """[(name, start, stop, shape)] of each array of params in a flat array, in names order."""
+    out, at = [], 0
+    for name in names:
+        size = params[name].size
+        out.append((name, at, at + size, params[name].shape))
+        at += size
+    return out
+
+
+def unflatten(flat, places):
+    """{name: view of flat} for the layout places."""
+    return {name: flat[lo:hi].reshape(shape) for name, lo, hi, shape in places}
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+class Peers:
+    """This worker's Unix sockets to every other worker and the shared-memory slots, one generation."""
+
+    def __init__(self, directory, gen, rank, n_workers, slot_items, dtype, timeout):
+        self.gen, self.rank, self.n = gen, rank, n_workers
+        self.timeout = timeout
+        nbytes = 2 * max(slot_items, 1) * np.dtype(dtype).itemsize
+        path = os.path.join(directory, f"g{gen}-r{rank}")
+        with open(path + ".buf", "wb") as f:  # exists before the listening socket does
+            f.truncate(nbytes)
+        self.mine = np.asarray(np.memmap(path + ".buf", dtype=dtype, mode="r+", shape=(2, slot_items)))
+        self.slots = {rank: self.mine}
+        self.socks = {}
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path + ".sock")
+            listener.listen(n_workers)
+            deadline = time.monotonic() + timeout
+            for peer in range(rank):  # connect to the lower ranks (they listen before connecting)
+                self.socks[peer] = _connect(os.path.join(directory, f"g{gen}-r{peer}.sock"), deadline)
+                self.socks[peer].sendall(struct.pack("<q", rank))
+            for _ in range(rank + 1, n_workers):  # accept the higher ranks
+                listener.settimeout(max(deadline - time.monotonic(), 0.01))
+                conn, _ = listener.accept()
+                conn.settimeout(timeout)
+                (peer,) = struct.unpack("<q", _recv_exactly(conn, 8, -1, "?"))
+                self.socks[peer] = conn
+        finally:
+            listener.close()
+            _unlink(path + ".sock")
+        for peer, sock in self.socks.items():
+            sock.settimeout(timeout)
+            self.slots[peer] = np.asarray(np.memmap(os.path.join(directory, f"g{gen}-r{peer}.buf"),
+                                                    dtype=dtype, mode="r", shape=(2, slot_items)))
+        # once every peer has mapped our slots the file needs no name: nothing is left in
+        # shared memory if this process dies, whoever cleans up
+        self.exchange(-1, (0.0, 0, 0))
+        _unlink(path + ".buf")
+
+    def exchange(self, step, header):
+        """Send this worker's header for step to every peer; {rank: header} of every worker."""
+        blob = _HEADER.pack(step, *header)
+        for peer, sock in self.socks.items():
+            try:
+                sock.sendall(blob)
+            except OSError:
+                raise MeshBroken(step, peer, "closed its connection") from None
+        headers = {self.rank: _HEADER.unpack(blob)}
+        for peer in sorted(self.socks):
+            headers[peer] = _HEADER.unpack(_recv_exactly(self.socks[peer], _HEADER.size, step, peer))
+            if headers[peer][0] != step:
+                raise MeshBroken(step, peer, f"answered for step {headers[peer][0] + 1}")
+        return headers
+
+    def close(self):
+        for sock in self.socks.values():
+            sock.close()
+        self.socks = {}
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _connect(path, deadline):
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
+
+
+def _recv_exactly(sock, n, step, peer):
+    buf, got = bytearray(n), 0
+    view = memoryview(buf)
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:])
+        except socket.timeout:
+            raise MeshBroken(step, peer, "did not answer within cluster.step_timeout_s") from None
+        except OSError:
+            k = 0
+        if k == 0:
+            raise MeshBroken(step, peer, "closed its connection")
+        got += k
+    return bytes(buf)
+
+
+class FlatUpdate:
+    """Weights (and momentum) as flat arrays, double-buffered, updated in place.
+
+    The operations are optim.step's and optim.mean_grads', one array instead of one per name:
+    elementwise, so every element gets the same bits. The new values go into the other buffer,
+    so a step whose update is not finite leaves the current ones untouched.
+    """
+
+    def __init__(self, start, momentum):
+        params, opt_state = start
+        self.places = layout(params, mlp.param_names(len(params) // 2))
+        names = [name for name, *_ in self.places]
+        flat = flatten(params, names)
+        self.params = [flat, np.empty_like(flat)]
+        self.views = [unflatten(buf, self.places) for buf in self.params]
+        self.velocity = [flatten(opt_state, names), np.empty_like(flat)] if opt_state else None
+        self.momentum, self.cur = momentum, 0
+        self.total = np.empty_like(flat)
+
+    def current(self):
+        return self.views[self.cur]
+
+    def apply(self, lr, count):
+        """Update from the gradient sums in self.total over count examples; False (nothing
+        changed) when the new weights or velocity are not finite."""
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            return self._apply(lr, count)
+
+    def _apply(self, lr, count):
+        cur, new = self.cur, 1 - self.cur
+        g = np.divide(self.total, count, out=self.total)  # mean_grads: g / count
+        if self.velocity is None:  # p - lr * g
+            np.subtract(self.params[cur], np.multiply(g, lr, out=g), out=self.params[new])
+        else:  # v = momentum * v + g; p - lr * v
+            v = np.add(np.multiply(self.velocity[cur], self.momentum, out=self.velocity[new]), g,
+                       out=self.velocity[new])
+            np.subtract(self.params[cur], np.multiply(v, lr, out=g), out=self.params[new])
+        # a NaN or infinity anywhere makes the sum non-finite (a finite sum that overflows only
+        # sends a finite step to the training loop, which then runs it exactly)
+        if not np.isfinite(self.params[new].sum()) or (
+                self.velocity is not None and not np.isfinite(self.velocity[new].sum())):
+            return False
+        self.cur = new
+        return True
+
+    def state(self):
+        """(params, opt_state) as fresh arrays keyed by name."""
+        params = {name: a.copy() for name, a in self.current().items()}
+        if self.velocity is None:
+            return params, {}
+        return params, {name: a.copy() for name, a in unflatten(self.velocity[self.cur], self.places).items()}
+
+
+class MeshWorker:
+    """The mesh side of one ShardWorker: its peers and the round loop."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.peers = None
+
+    def _connect(self, r, n_items, dtype):
+        if self.peers is not None and self.peers.gen == r["gen"]:
+            return
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
+        self.peers = Peers(r["dir"], r["gen"], self.worker.rank, r["workers"], n_items, dtype, r["timeout"])
+
+    def run(self, start, request):
+        """Run steps [first, stop) from start = (params, opt_state); a dict for the driver."""
+        r, w = request, self.worker
+        weights = FlatUpdate(start, r["momentum"])
+        names = [name for name, *_ in weights.places]
+        try:
+            self._connect(r, weights.total.size, weights.total.dtype)
+        except (OSError, MeshBroken) as e:
+            return {"status": BROKEN, "steps": [], "detail": f"cannot connect: {e}", "step": r["first"]}
+        peers = self.peers
+        lo, hi = w.train_range
+        sampler = Sampler(*r["sampler"])
+        records, status, detail = [], OK, None
+        round_end = time.perf_counter() + r["round_s"]
+        step = r["first"]
+        while step < r["stop"]:
+            t0 = time.perf_counter()
+            batch = sampler.batch(step)
+            local = None if batch is None else batch[(batch >= lo) & (batch < hi)] - lo
+            count, loss_sum, compute_s = 0, 0.0, 0.0
+            parity = step % 2
+            if local is None or len(local):
+                _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
+                flatten(grads, names, out=peers.mine[parity])
+            last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
+            t1 = time.perf_counter()
+            try:
+                headers = peers.exchange(step, (loss_sum, count, last))
+            except MeshBroken as e:
+                status, detail = BROKEN, str(e)
+                self.peers.close()
+                self.peers = None
+                break
+            # the driver's sum (RayBackend.grad_sums): ranks with examples, in rank order
+            total_loss, total_count = 0.0, 0
+            for rank in sorted(headers):
+                _, part_loss, part_count, _ = headers[rank]
+                if part_count == 0:
+                    continue
+                part = peers.slots[rank][parity]
+                if total_count == 0:
+                    np.copyto(weights.total, part)
+                else:
+                    np.add(weights.total, part, out=weights.total)
+                total_loss += part_loss
+                total_count += part_count
+            if not (np.isfinite(total_loss) and weights.apply(r["lr"], total_count)):
+                status = NONFINITE  # the loop runs this step itself and applies its policy
+                break
+            t2 = time.perf_counter()
+            records.append((total_loss, total_count, compute_s, t2 - t0, t2 - t1))
+            step += 1
+            if headers[0][3]:
+                break
+        out = {"status": status, "step": step, "detail": detail, "steps": records,
+               "fingerprint": fastpath.fingerprint(weights.current())}
+        if w.rank == 0:
+            out["params"], out["opt_state"] = weights.state()
+        return out
+
+
+# ---------------------------------------------------------------------------- driver side
+
+
+def eligible(backend, here):
+    """Whether the mesh can run: every worker on this (the driver's) node."""
+    return set(backend.bundle_nodes) == {here}
+
+
+class MeshTransport:
+    """Rounds of steps over the workers' mesh, for a RayBackend whose workers share the driver's node."""
+
+    def __init__(self, backend, job):
+        self.backend = backend
+        o = job.optimizer
+        self.sampler = (o.name, backend.n_train, o.batch_size, o.sampling_mode, job.run.seed)
+        self.lr, self.momentum = o.learning_rate, o.momentum
+        # 0700: only this user's workers; in memory (tmpfs) where there is one, so the kernel
+        # never writes the shared slots back to a disk
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=shm)
+        self.gen, self.failures, self.nonfinite_at = 0, 0, None
+
+    def run_steps(self, state, stop):
+        """[(loss sum, count, compute s, step s, comm s)] for steps state.step.. (at most to stop),
+        with state.params and state.opt_state advanced; None when the caller should run one
+        step itself (its sum is not finite, or the mesh keeps failing)."""
+        first = state.step
+        if self.failures >= MAX_MESH_FAILURES or self.nonfinite_at == first:
+            return None
+        b = self.backend
+        start_ref = ray.put((state.params, state.opt_state))
+        while True:
+            request = {"gen": self.gen, "dir": self.dir, "workers": b.workers, "first": first, "stop": stop,
+                       "sampler": self.sampler, "lr": self.lr, "momentum": self.momentum,
+                       "timeout": b.timeout, "round_s": ROUND_S}
+            t0 = time.perf_counter()
+            calls = {rank: ("mesh_run", (start_ref, request)) for rank in range(b.workers)}
+            replies, failed = b._run_once(calls, ROUND_S + 2 * b.timeout + 5)
+            if failed:
+                steps = [r["step"] for r in replies.values() if r["status"] == BROKEN]
+                during = f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}"
+                b._on_failure(failed, during)
+                self.gen += 1
+                continue
+            break
+        wall = time.perf_counter() - t0
+        statuses = {r["status"] for r in replies.values()}
+        if BROKEN in statuses:  # no worker lost, yet the round broke (a socket problem): count it
+            self.failures += 1
+            self.gen += 1
+            detail = next(r["detail"] for r in replies.values() if r["status"] == BROKEN)
+            log.warning("worker mesh failed (%s); step %d goes over actor calls", detail, first + 1)
+            return None
+        done = {len(r["steps"]) for r in replies.values()}
+        prints = {r["fingerprint"] for r in replies.values()}
+        if len(done) != 1 or len(prints) != 1:
+            raise RuntimeError(f"mesh workers disagree after step {first}: steps {done}, weights {len(prints)} kinds")
+        n = done.pop()
+        if NONFINITE in statuses:
+            self.nonfinite_at = first + n
+        if n == 0:
+            return None
+        self.last_replies = replies
+        state.params, state.opt_state = replies[0]["params"], replies[0]["opt_state"]
+        overhead = max(wall - sum(rec[3] for rec in replies[0]["steps"]), 0.0) / n
+        out = []
+        for i in range(n):
+            loss_sum, count, _, step_s = replies[0]["steps"][i][:4]
+            compute = max(r["steps"][i][2] for r in replies.values())
+            out.append((loss_sum, count, compute, step_s + overhead))
+        return out
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)

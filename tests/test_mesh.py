@@ -1,0 +1,302 @@
+"""The one-node mesh transport (workers sum each other's gradients through shared memory).
+
+Reference: the plain actor transport, where the driver sums the workers' gradient sums and
+updates. The mesh must give the same bits (weights, losses, evaluations) for every optimizer,
+worker count, momentum, dtype and way of cutting the run into rounds, and recover from a
+worker lost in the middle of a round with the same bits.
+"""
+
+import logging
+import os
+import re
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from distmlp import config, data, driver, mesh, mlp, optim, trainer
+from hooks import AtStep
+
+
+def params_for(seed, dtype=np.float32, sizes=(784, 16, 16, 10)):
+    return mlp.init_params(sizes, np.random.default_rng(seed), dtype)
+
+
+def bits_equal(a, b):
+    return a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_flat_update_is_optim_step_bit_for_bit(dtype, momentum):
+    rng = np.random.default_rng(1)
+    params = params_for(2, dtype, (20, 7, 5, 3))
+    state = optim.init_state(params, momentum)
+    if momentum:
+        state = {k: rng.normal(size=v.shape).astype(dtype) for k, v in state.items()}
+    weights = mesh.FlatUpdate((params, state), momentum)
+    for count in (7, 1, 32):
+        grads = {k: rng.normal(size=v.shape).astype(dtype) * 10 for k, v in params.items()}
+        mesh.flatten(grads, mlp.param_names(3), out=weights.total)
+        assert weights.apply(0.05, count)
+        params, state = optim.step(params, optim.mean_grads(grads, count), state, 0.05, momentum)
+        got_params, got_state = weights.state()
+        assert bits_equal(got_params, params) and bits_equal(got_state, state)
+        assert bits_equal(weights.current(), params)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
+def test_flat_update_refuses_a_non_finite_update_and_changes_nothing(bad):
+    params = params_for(3, np.float32, (6, 4, 3))
+    weights = mesh.FlatUpdate((params, {}), 0.0)
+    weights.total[:] = 1.0
+    weights.total[5] = bad  # 3e38 / 1 * lr 1e3: overflows float32
+    assert not weights.apply(1e3, 1)
+    assert bits_equal(weights.state()[0], params)
+
+
+def test_layout_round_trips_every_array():
+    params = params_for(4, np.float64, (9, 5, 4, 2))
+    names = mlp.param_names(3)
+    places = mesh.layout(params, names)
+    flat = mesh.flatten(params, names)
+    assert flat.size == sum(p.size for p in params.values()) == places[-1][2]
+    assert bits_equal(mesh.unflatten(flat, places), params)
+
+
+def connect_all(directory, n, items=10, timeout=5.0, gen=0):
+    """n Peers made in threads (each blocks until the others connect); {rank: Peers}."""
+    out, errors = {}, []
+
+    def make(rank):
+        try:
+            out[rank] = mesh.Peers(str(directory), gen, rank, n, items, np.float32, timeout)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    return out
+
+
+def exchange_all(peers, step, headers):
+    out, errors = {}, []
+
+    def go(rank):
+        try:
+            out[rank] = peers[rank].exchange(step, headers[rank])
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in peers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out, errors
+
+
+def test_peers_share_headers_and_slots_and_leave_no_files(tmp_path):
+    peers = connect_all(tmp_path, 3)
+    assert os.listdir(tmp_path) == []  # sockets and slot files unlinked once everyone is mapped
+    for rank, p in peers.items():
+        p.mine[1] = rank + 0.5
+    got, errors = exchange_all(peers, 5, {r: (r * 1.5, r + 1, int(r == 0)) for r in peers})
+    assert not errors
+    for rank in peers:
+        assert got[rank] == {r: (5, r * 1.5, r + 1, int(r == 0)) for r in peers}
+        for other in peers:
+            assert np.all(peers[rank].slots[other][1] == other + 0.5)
+    for p in peers.values():
+        p.close()
+
+
+def test_a_peer_that_closes_or_goes_silent_breaks_the_step(tmp_path):
+    peers = connect_all(tmp_path, 3, timeout=1.0)
+    peers[2].close()  # as a killed process's sockets close
+    t0 = time.perf_counter()
+    _, errors = exchange_all({r: peers[r] for r in (0, 1)}, 0, {0: (0.0, 1, 0), 1: (0.0, 1, 0)})
+    assert len(errors) == 2 and all(isinstance(e, mesh.MeshBroken) for e in errors)
+    assert all("worker 2 closed its connection during step 1" in str(e) for e in errors), errors
+    assert time.perf_counter() - t0 < 1.0  # end of file, not the timeout
+    for p in peers.values():
+        p.close()
+
+    peers = connect_all(tmp_path, 2, timeout=0.5, gen=1)
+    with pytest.raises(mesh.MeshBroken, match="worker 1 did not answer within cluster.step_timeout_s during step 4"):
+        peers[0].exchange(3, (0.0, 1, 0))  # rank 1 never sends
+    for p in peers.values():
+        p.close()
+
+
+# ----------------------------------------------------------------------------- with Ray
+
+
+@pytest.fixture(scope="module")
+def source():
+    return data.resolve("mnist-sample")
+
+
+def job_for(name, transport, steps, workers=2, **extra):
+    job = config.load_job(None, [f'optimizer.name="{name}"', "optimizer.lr=0.1", "run.seed=13",
+                                 f"run.steps={steps}", "run.eval_every=7", f"cluster.workers={workers}",
+                                 "cluster.cpus_per_worker=0.5", f'cluster.transport="{transport}"'])
+    return config.replace(job, **extra) if extra else job
+
+
+class Rounds:
+    """Hook: the records of a run, plus how many rounds the mesh ran (calls to run_steps)."""
+
+    def __init__(self, backend):
+        self.records, self.rounds = [], 0
+        if backend.mesh is not None:
+            inner = backend.mesh.run_steps
+
+            def counted(state, stop):
+                self.rounds += 1
+                return inner(state, stop)
+            backend.mesh.run_steps = counted
+
+    def on_start(self, state, info):
+        pass
+
+    def on_step(self, state, record):
+        self.records.append(record)
+
+    def on_end(self, state, record):
+        pass
+
+
+def run(job, source, hooks=(), worker_cls=None):
+    """(final state, backend, Rounds) of job on a RayBackend."""
+    backend = driver.RayBackend(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
+    rounds = Rounds(backend)
+    try:
+        return trainer.train(job, backend, hooks=[rounds, *(h(backend) for h in hooks)]), backend, rounds
+    finally:
+        backend.close()
+
+
+CASES = {
+    "minibatch-2": ("minibatch", 30, 2, {}),
+    "minibatch-3-uneven": ("minibatch", 20, 3, {}),
+    "minibatch-1": ("minibatch", 20, 1, {}),
+    "sgd-2": ("sgd", 40, 2, {}),
+    "gd-2": ("gd", 4, 2, {}),
+    "momentum-2": ("minibatch", 20, 2, {"optimizer": {"momentum": 0.9}}),
+    "float64-2": ("minibatch", 15, 2, {"model": {"dtype": "float64"}}),
+    "sample-2": ("minibatch", 15, 2, {"optimizer": {"sampling": "sample"}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mesh_equals_actor_calls_bit_for_bit(ray_session, source, case):
+    name, steps, workers, extra = CASES[case]
+    job = job_for(name, "auto", steps, workers, **extra)
+    got, backend, rounds = run(job, source)
+    want, reference, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
+    assert backend.mesh is not None and reference.mesh is None
+    assert got.step == want.step == steps and got.samples_seen == want.samples_seen
+    assert bits_equal(got.params, want.params) and bits_equal(got.opt_state, want.opt_state)
+    for key in ("train_loss", "test_loss", "test_accuracy", "samples_seen", "epoch"):
+        assert got.metrics[key] == want.metrics[key], key
+    assert rounds.rounds == -(-steps // 7)  # a round per evaluation interval
+    assert all(0 <= r["compute_s"] <= r["step_s"] and r["comm_s"] >= 0 for r in rounds.records)
+
+
+def test_rounds_cut_at_every_step_give_the_same_bits(ray_session, source, monkeypatch):
+    """ROUND_S = 0: rank 0 ends every round after one step (the time-based end agreed in the header)."""
+    job = job_for("minibatch", "mesh", 12)
+    want, _, _ = run(job, source)
+    monkeypatch.setattr(mesh, "ROUND_S", 0.0)
+    got, _, rounds = run(job, source)
+    assert rounds.rounds == 12
+    assert bits_equal(got.params, want.params) and got.metrics["test_loss"] == want.metrics["test_loss"]
+
+
+def test_hook_and_checkpoint_steps_end_rounds(ray_session, source, tmp_path):
+    from distmlp import checkpoint
+    job = job_for("minibatch", "auto", 20, run={"eval_every": 0, "steps": 20})
+    seen = []
+    hook = AtStep(6, lambda backend: seen.append(os.listdir(backend.mesh.dir)))
+    ckpt = checkpoint.CheckpointHook(tmp_path, job, every=8, keep_last=5)
+    backend = driver.RayBackend(source, job)
+    rounds = Rounds(backend)
+    try:
+        state = trainer.train(job, backend, hooks=[rounds, hook(backend), ckpt])
+    finally:
+        backend.close()
+    assert rounds.rounds == 4  # [0, 6), [6, 8), [8, 16), [16, 20)
+    assert seen == [[]]  # nothing named in shared memory while the run goes
+    assert not os.path.exists(backend.mesh.dir)  # and the directory is gone after close
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved == ["step-000008", "step-000016", "step-000020"]
+    reference, _, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
+    assert bits_equal(state.params, reference.params)
+    at8 = checkpoint.load(tmp_path / "checkpoints" / "step-000008")
+    eight, _, _ = run(config.replace(job, run={"steps": 8}, cluster={"transport": "actors"}), source)
+    assert at8.step == 8 and at8.samples_seen == 8 * 32 and bits_equal(at8.params, eight.params)
+
+
+def test_a_worker_killed_in_the_middle_of_a_round_is_replaced_and_the_round_rerun(ray_session, source, caplog):
+    """SIGKILL from a timer while a long round runs: its peer sees end of file, the driver
+    restarts the worker and runs the round again from its first step; same bits."""
+    job = job_for("minibatch", "auto", 1500, run={"eval_every": 0, "steps": 1500})
+    want, _, _ = run(job, source)
+    killed = []
+
+    def kill_soon(backend):
+        pid = backend.worker_info[1]["pid"]
+        threading.Timer(0.15, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid))).start()
+
+    class KillAtStart:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def on_start(self, state, info):
+            kill_soon(self.backend)
+
+        def on_step(self, state, record):
+            pass
+
+        def on_end(self, state, record):
+            pass
+
+    with caplog.at_level(logging.WARNING, logger="distmlp"):
+        got, backend, rounds = run(job, source, [KillAtStart])
+    assert len(killed) == 1 and backend.failures == 1 and backend.worker_info[1]["pid"] != killed[0]
+    warnings = [r.getMessage() for r in caplog.records if "restarting" in r.getMessage()]
+    assert len(warnings) == 1 and re.search(rf"worker 1 \(pid {killed[0]} .*died during step \d+", warnings[0])
+    assert bits_equal(got.params, want.params) and got.step == 1500
+
+
+def test_nonfinite_steps_go_to_the_loop_with_the_same_outcome_as_actor_calls(ray_session, source):
+    """lr 1e6 with on_nonfinite = skip: the same updates skipped, the same step and worker named."""
+    outcomes = []
+    for transport in ("mesh", "actors"):
+        job = config.replace(job_for("minibatch", transport, 12), optimizer={"lr": 1e6},
+                             run={"on_nonfinite": "skip", "seed": 11})
+        with pytest.raises(trainer.DivergenceError) as info:
+            run(job, source)
+        outcomes.append(re.sub(r"pid \d+", "pid _", str(info.value)))
+    assert outcomes[0] == outcomes[1] and "in worker" in outcomes[0]
+
+
+def test_transport_mesh_needs_the_workers_on_the_drivers_node(ray_session, source, monkeypatch):
+    monkeypatch.setattr(mesh, "eligible", lambda backend, here: False)
+    with pytest.raises(driver.ClusterError, match=r"cluster.transport = mesh needs every worker on the driver's node"):
+        driver.RayBackend(source, job_for("minibatch", "mesh", 2))
+    backend = driver.RayBackend(source, job_for("minibatch", "auto", 2))  # auto: actor calls then
+    try:
+        assert backend.mesh is None
+    finally:
+        backend.close()
