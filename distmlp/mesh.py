@@ -28,6 +28,7 @@ only reach step s+1 once every peer has finished reading step s-1's slots).
 
 import logging
 import os
+import select
 import shutil
 import socket
 import struct
@@ -42,6 +43,7 @@ from distmlp.sampling import Sampler
 
 log = logging.getLogger("distmlp")
 
+SPIN_S = float(os.environ.get("DISTMLP_SPIN_S", "0.0005"))  # polling before sleeping, per receive
 ROUND_S = 0.5  # a round ends after about this long, so the driver reports progress
 MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: per-step actor calls
 _HEADER = struct.Struct("<qdqq")  # step, loss sum, count, rank 0: last step of the round (1) or not (0)
@@ -89,6 +91,9 @@ class Peers:
     def __init__(self, directory, gen, rank, n_workers, slot_items, dtype, timeout):
         self.gen, self.rank, self.n = gen, rank, n_workers
         self.timeout = timeout
+        # wait for peers by polling (a sleeping worker wakes up tens of microseconds late)
+        # only when every worker can have a core of its own
+        self.spin_s = SPIN_S if n_workers <= (os.cpu_count() or 1) else 0.0
         nbytes = 2 * max(slot_items, 1) * np.dtype(dtype).itemsize
         path = os.path.join(directory, f"g{gen}-r{rank}")
         with open(path + ".buf", "wb") as f:  # exists before the listening socket does
@@ -107,14 +112,14 @@ class Peers:
             for _ in range(rank + 1, n_workers):  # accept the higher ranks
                 listener.settimeout(max(deadline - time.monotonic(), 0.01))
                 conn, _ = listener.accept()
-                conn.settimeout(timeout)
-                (peer,) = struct.unpack("<q", _recv_exactly(conn, 8, -1, "?"))
+                conn.setblocking(False)
+                (peer,) = struct.unpack("<q", _recv_exactly(conn, 8, -1, "?", timeout))
                 self.socks[peer] = conn
         finally:
             listener.close()
             _unlink(path + ".sock")
         for peer, sock in self.socks.items():
-            sock.settimeout(timeout)
+            sock.setblocking(False)
             self.slots[peer] = np.asarray(np.memmap(os.path.join(directory, f"g{gen}-r{peer}.buf"),
                                                     dtype=dtype, mode="r", shape=(2, slot_items)))
         # once every peer has mapped our slots the file needs no name: nothing is left in
@@ -132,7 +137,8 @@ class Peers:
                 raise MeshBroken(step, peer, "closed its connection") from None
         headers = {self.rank: _HEADER.unpack(blob)}
         for peer in sorted(self.socks):
-            headers[peer] = _HEADER.unpack(_recv_exactly(self.socks[peer], _HEADER.size, step, peer))
+            headers[peer] = _HEADER.unpack(_recv_exactly(self.socks[peer], _HEADER.size, step, peer,
+                                                         self.timeout, self.spin_s))
             if headers[peer][0] != step:
                 raise MeshBroken(step, peer, f"answered for step {headers[peer][0] + 1}")
         return headers
@@ -163,14 +169,25 @@ def _connect(path, deadline):
             time.sleep(0.002)
 
 
-def _recv_exactly(sock, n, step, peer):
+def _recv_exactly(sock, n, step, peer, timeout, spin_s=0.0):
+    """n bytes from a non-blocking socket: polled for spin_s seconds (no sleep, no wake-up
+    latency), then waited for until timeout."""
     buf, got = bytearray(n), 0
     view = memoryview(buf)
+    spin_until, deadline, poller = time.perf_counter() + spin_s, None, None
     while got < n:
         try:
             k = sock.recv_into(view[got:])
-        except socket.timeout:
-            raise MeshBroken(step, peer, "did not answer within cluster.step_timeout_s") from None
+        except BlockingIOError:
+            now = time.perf_counter()
+            if now < spin_until:
+                continue
+            if poller is None:
+                poller, deadline = select.poll(), now + timeout
+                poller.register(sock, select.POLLIN)
+            if now >= deadline or not poller.poll(max(deadline - now, 0.0) * 1000 + 1):
+                raise MeshBroken(step, peer, "did not answer within cluster.step_timeout_s") from None
+            continue
         except OSError:
             k = 0
         if k == 0:
