@@ -122,10 +122,14 @@ class Peers:
             sock.setblocking(False)
             self.slots[peer] = np.asarray(np.memmap(os.path.join(directory, f"g{gen}-r{peer}.buf"),
                                                     dtype=dtype, mode="r", shape=(2, slot_items)))
-        # once every peer has mapped our slots the file needs no name: nothing is left in
-        # shared memory if this process dies, whoever cleans up
+        # Once every peer has mapped our slots the file needs no name, and once every file is
+        # unlinked the directory can go: nothing is left in shared memory when a process dies,
+        # the driver included.
         self.exchange(-1, (0.0, 0, 0))
         _unlink(path + ".buf")
+        self.exchange(-2, (0.0, 0, 0))
+        if rank == 0:
+            os.rmdir(directory)
 
     def exchange(self, step, header):
         """Send this worker's header for step to every peer; {rank: header} of every worker."""
@@ -343,8 +347,8 @@ class MeshTransport:
         self.lr, self.momentum = o.learning_rate, o.momentum
         # 0700: only this user's workers; in memory (tmpfs) where there is one, so the kernel
         # never writes the shared slots back to a disk
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=shm)
+        self.shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)  # the workers remove it
         self.gen, self.failures, self.nonfinite_at = 0, 0, None
 
     def run_steps(self, state, stop):
@@ -367,14 +371,14 @@ class MeshTransport:
                 steps = [r["step"] for r in replies.values() if r["status"] == BROKEN]
                 during = f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}"
                 b._on_failure(failed, during)
-                self.gen += 1
+                self._next_generation()
                 continue
             break
         wall = time.perf_counter() - t0
         statuses = {r["status"] for r in replies.values()}
         if BROKEN in statuses:  # no worker lost, yet the round broke (a socket problem): count it
             self.failures += 1
-            self.gen += 1
+            self._next_generation()
             detail = next(r["detail"] for r in replies.values() if r["status"] == BROKEN)
             log.warning("worker mesh failed (%s); step %d goes over actor calls", detail, first + 1)
             return None
@@ -396,6 +400,12 @@ class MeshTransport:
             compute = max(r["steps"][i][2] for r in replies.values())
             out.append((loss_sum, count, compute, step_s + overhead))
         return out
+
+    def _next_generation(self):
+        """New sockets and slots (in a new directory) for the next attempt; the old ones go."""
+        shutil.rmtree(self.dir, ignore_errors=True)  # left when set-up broke half-way
+        self.gen += 1
+        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)

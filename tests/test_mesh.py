@@ -72,6 +72,7 @@ def test_layout_round_trips_every_array():
 def connect_all(directory, n, items=10, timeout=5.0, gen=0):
     """n Peers made in threads (each blocks until the others connect); {rank: Peers}."""
     out, errors = {}, []
+    os.makedirs(directory, exist_ok=True)
 
     def make(rank):
         try:
@@ -106,8 +107,8 @@ def exchange_all(peers, step, headers):
 
 
 def test_peers_share_headers_and_slots_and_leave_no_files(tmp_path):
-    peers = connect_all(tmp_path, 3)
-    assert os.listdir(tmp_path) == []  # sockets and slot files unlinked once everyone is mapped
+    peers = connect_all(tmp_path / "mesh", 3)
+    assert os.listdir(tmp_path) == []  # sockets, slot files and their directory gone once all are mapped
     for rank, p in peers.items():
         p.mine[1] = rank + 0.5
     got, errors = exchange_all(peers, 5, {r: (r * 1.5, r + 1, int(r == 0)) for r in peers})
@@ -121,7 +122,7 @@ def test_peers_share_headers_and_slots_and_leave_no_files(tmp_path):
 
 
 def test_a_peer_that_closes_or_goes_silent_breaks_the_step(tmp_path):
-    peers = connect_all(tmp_path, 3, timeout=1.0)
+    peers = connect_all(tmp_path / "a", 3, timeout=1.0)
     peers[2].close()  # as a killed process's sockets close
     t0 = time.perf_counter()
     _, errors = exchange_all({r: peers[r] for r in (0, 1)}, 0, {0: (0.0, 1, 0), 1: (0.0, 1, 0)})
@@ -131,7 +132,7 @@ def test_a_peer_that_closes_or_goes_silent_breaks_the_step(tmp_path):
     for p in peers.values():
         p.close()
 
-    peers = connect_all(tmp_path, 2, timeout=0.5, gen=1)
+    peers = connect_all(tmp_path / "b", 2, timeout=0.5, gen=1)
     with pytest.raises(mesh.MeshBroken, match="worker 1 did not answer within cluster.step_timeout_s during step 4"):
         peers[0].exchange(3, (0.0, 1, 0))  # rank 1 never sends
     for p in peers.values():
@@ -227,7 +228,7 @@ def test_hook_and_checkpoint_steps_end_rounds(ray_session, source, tmp_path):
     from distmlp import checkpoint
     job = job_for("minibatch", "auto", 20, run={"eval_every": 0, "steps": 20})
     seen = []
-    hook = AtStep(6, lambda backend: seen.append(os.listdir(backend.mesh.dir)))
+    hook = AtStep(6, lambda backend: seen.append(os.path.exists(backend.mesh.dir)))
     ckpt = checkpoint.CheckpointHook(tmp_path, job, every=8, keep_last=5)
     backend = driver.RayBackend(source, job)
     rounds = Rounds(backend)
@@ -236,7 +237,7 @@ def test_hook_and_checkpoint_steps_end_rounds(ray_session, source, tmp_path):
     finally:
         backend.close()
     assert rounds.rounds == 4  # [0, 6), [6, 8), [8, 16), [16, 20)
-    assert seen == [[]]  # nothing named in shared memory while the run goes
+    assert seen == [False]  # nothing named in shared memory while the run goes
     assert not os.path.exists(backend.mesh.dir)  # and the directory is gone after close
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert saved == ["step-000008", "step-000016", "step-000020"]
