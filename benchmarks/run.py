@@ -25,9 +25,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from distmlp import config, data, driver, trainer  # noqa: E402
 
-MESH = "Ray, shared-memory mesh (transport auto)"
+MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
-FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 6, "seed_images": 300}
+FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300}
 QUICK = {"n_train": 2000, "n_test": 400, "steps": 40, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 64}
 
 
@@ -123,7 +123,8 @@ def minibatch_steps(source, p, rows):
     candidates = {"single-process NumPy": lambda j: run_local(j, source),
                   "Ray, actor calls": lambda j: run_ray(config.replace(j, cluster={"transport": "actors", "workers": 2}), source)[0],
                   "Ray, compiled graph + replicas": lambda j: run_ray(config.replace(j, cluster={"transport": "compiled", "workers": 2}), source)[0],
-                  MESH: lambda j: run_ray(config.replace(j, cluster={"transport": "mesh", "workers": 2}), source)[0]}
+                  MESH: lambda j: run_ray(config.replace(j, cluster={"transport": "mesh", "workers": 2}), source)[0],
+                  "Ray, shared-memory mesh, 1 worker": lambda j: run_ray(config.replace(j, cluster={"transport": "mesh", "workers": 1}), source)[0]}
     medians = {name: [] for name in candidates}
     splits = {name: [] for name in candidates}
     for _ in range(p["rounds"]):
@@ -156,7 +157,7 @@ def gd_epochs(source, p, rows):
     """Targets 2 and 3: gd s/epoch for 1 and 2 workers vs the single-process trainer; worker memory."""
     from threadpoolctl import threadpool_limits
     times = {"single-process trainer": [], "single-process, 1 BLAS thread": [], "Ray, 1 worker": [],
-             "Ray, 2 workers": []}
+             "Ray, 2 workers": [], PLAIN[1]: [], PLAIN[2]: []}
     memory = {}
     for _ in range(p["gd_rounds"]):
         j = job("gd", steps=p["gd_steps"])
@@ -167,11 +168,14 @@ def gd_epochs(source, p, rows):
             t, mem = run_ray(config.replace(j, cluster={"workers": workers}), source, worker_memory)
             times[f"Ray, {workers} worker{'s' * (workers > 1)}"].append(t.median("step_s", skip=0.2))
             memory[workers] = mem
+            times[PLAIN[workers]].append(plain_processes(source, workers, p["gd_steps"]))
     med = {name: statistics.median(v) for name, v in times.items()}
     best = {name: min(v) for name, v in times.items()}
     for name, s in med.items():
         rows.append((f"gd epoch ({source.train.count:,} x 784)", name, f"{s:.3f} s/epoch",
                      f"best of {len(times[name])} rounds {best[name]:.3f} s"))
+    rows.append(("", "speed-up 2 plain processes vs 1", f"{med[PLAIN[1]] / med[PLAIN[2]]:.2f}x",
+                 f"best rounds {best[PLAIN[1]] / best[PLAIN[2]]:.2f}x: this machine's ceiling for the same code"))
     for label, t in (("", med), ("best rounds: ", best)):
         one, two = t["Ray, 1 worker"], t["Ray, 2 workers"]
         local, local_1 = t["single-process trainer"], t["single-process, 1 BLAS thread"]
@@ -189,6 +193,42 @@ def gd_epochs(source, p, rows):
     rows.append(("", "a bare Ray actor (no data)", f"RSS {bare:.0f} MB",
                  f"above n x bare: 1 worker {above[1]:.0f} MB, 2 workers {above[2]:.0f} MB "
                  f"({above[2] / above[1]:.2f}x)"))
+
+
+PLAIN = {1: "no Ray: mesh worker loop, 1 process", 2: "no Ray: mesh worker loop, 2 processes"}
+
+
+def plain_processes(source, workers, steps):
+    """Median s/step of gd over the mesh's worker loop (distmlp.mesh.MeshWorker, the code a Ray
+    worker runs) in plain processes without Ray: what this machine gives the same work."""
+    import multiprocessing
+    import shutil
+    ctx = multiprocessing.get_context("spawn")  # this process runs Ray's threads: no fork
+    directory = tempfile.mkdtemp(prefix="distmlp-bench-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    try:
+        with ctx.Pool(workers) as pool:
+            per_rank = pool.starmap(_plain_worker, [(source, rank, workers, steps, directory) for rank in range(workers)])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    walls = [max(rank[i] for rank in per_rank) for i in range(len(per_rank[0]))]
+    return statistics.median(walls[int(len(walls) * 0.2):])
+
+
+def _plain_worker(source, rank, workers, steps, directory):
+    from threadpoolctl import threadpool_limits
+
+    from distmlp import mesh, trainer
+    from distmlp.worker import ShardWorker
+    threadpool_limits(1, user_api="blas")
+    j = job("gd", workers=workers, steps=steps)
+    worker = ShardWorker(rank, source, data.shard_bounds(source.train.count, workers)[rank],
+                         data.shard_bounds(source.test.count, workers)[rank])
+    state = trainer.initial_state(j)
+    request = {"gen": 0, "dir": directory, "workers": workers, "first": 0, "stop": steps, "lr": 0.05,
+               "momentum": 0.0, "sampler": ("gd", source.train.count, 32, "shuffle", 0), "timeout": 60.0,
+               "round_s": 1e9}
+    out = mesh.MeshWorker(worker).run((state.params, state.opt_state), request)
+    return [record[3] for record in out["steps"]]
 
 
 def bare_actor_rss():
@@ -248,6 +288,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small data and few steps (smoke test)")
     args = parser.parse_args(argv)
     p = QUICK if args.quick else FULL
+    load_start = os.getloadavg()[0]  # the machine is shared: say how busy it was
     import ray
     with tempfile.TemporaryDirectory(prefix="distmlp-bench-") as tmp:
         source = synthetic_mnist(Path(tmp), p["n_train"], p["n_test"])
@@ -259,8 +300,10 @@ def main(argv=None):
             seed_loop(source, p, rows, fast_s, local_s)
         finally:
             ray.shutdown()
+    load_end = os.getloadavg()[0]
     print(f"\ndistmlp benchmarks | {time.strftime('%Y-%m-%d')} | {platform.node()} | {platform.processor() or platform.machine()}"
-          f" | {os.cpu_count()} cores | Python {sys.version.split()[0]} | {'quick' if args.quick else 'full'}")
+          f" | {os.cpu_count()} cores | Python {sys.version.split()[0]} | {'quick' if args.quick else 'full'}"
+          f" | load average {load_start:.2f} at start, {load_end:.2f} at end")
     print_table(rows, ("comparison", "candidate", "median", "notes"))
 
 
