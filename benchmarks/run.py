@@ -144,13 +144,17 @@ def minibatch_steps(source, p, rows):
     rows.append(("", "speed-up mesh vs actor calls", f"{actors / med[MESH]:.1f}x",
                  f"target 1: <= 500 us/step; {'met' if med[MESH] <= 500 else 'not met'}"))
     rows.append(("", "mesh vs single-process NumPy", f"{med[MESH] / med['single-process NumPy']:.2f}x", "time ratio"))
-    _torch_rows(rows)
+    _torch_rows(rows, p, med[MESH])
     return med[MESH] / 1e6, med["single-process NumPy"] / 1e6
 
 
-def _torch_rows(rows):
+def _torch_rows(rows, p, mesh_us):
+    """Appends the PyTorch, DDP and Ray Train rows, or one "skipped" row without torch."""
     if importlib.util.find_spec("torch") is None:
         rows.append(("", "PyTorch / Ray Train", "skipped", "torch not installed (optional extra 'bench')"))
+        return
+    from benchmarks import torch_rows
+    rows.extend(torch_rows.rows(p, mesh_us))
 
 
 def gd_epochs(source, p, rows):

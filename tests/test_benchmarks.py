@@ -1,6 +1,8 @@
 """benchmarks/run.py --quick runs every comparison end to end and prints the table (no timing checks)."""
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -18,3 +20,9 @@ def test_quick_benchmark_runs_and_prints_the_table():
                 "PyTorch"):
         assert row in out, row
     assert "us/step" in out and "s/epoch" in out and "RSS" in out
+    if importlib.util.find_spec("torch") is not None:
+        for row in ("PyTorch, 1 thread", "PyTorch DDP (gloo), 2 processes", "Ray Train TorchTrainer, 2 workers"):
+            assert re.search(re.escape(row) + r" *\| [\d,]+ us/step", out), row
+        assert "speed-up mesh vs Ray Train" in out and "speed-up mesh vs DDP" in out
+    else:
+        assert "torch not installed (optional extra 'bench')" in out
