@@ -365,7 +365,8 @@ class MeshTransport:
                        "timeout": b.timeout, "round_s": ROUND_S}
             t0 = time.perf_counter()
             calls = {rank: ("mesh_run", (start_ref, request)) for rank in range(b.workers)}
-            replies, failed = b._run_once(calls, ROUND_S + 2 * b.timeout + 5)
+            # a healthy round ends within ROUND_S plus one step of at most the step timeout
+            replies, failed = b._run_once(calls, ROUND_S + b.timeout + 5)
             if failed:
                 steps = [r["step"] for r in replies.values() if r["status"] == BROKEN]
                 during = f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}"
