@@ -365,8 +365,10 @@ class MeshTransport:
                        "timeout": b.timeout, "round_s": ROUND_S}
             t0 = time.perf_counter()
             calls = {rank: ("mesh_run", (start_ref, request)) for rank in range(b.workers)}
-            # a healthy round ends within ROUND_S plus one step of at most the step timeout
-            replies, failed = b._run_once(calls, ROUND_S + b.timeout + 5)
+            # a healthy round can run two steps of up to the step timeout past ROUND_S: rank 0
+            # decides to go on before its peers finish the step (which may take the timeout),
+            # and the next step may take it too
+            replies, failed = b._run_once(calls, ROUND_S + 2 * b.timeout + 5)
             if failed:
                 steps = [r["step"] for r in replies.values() if r["status"] == BROKEN]
                 during = f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}"
