@@ -54,20 +54,14 @@ def job(optimizer, workers=1, transport="auto", **run):
     return config.replace(config.load_job(None, overrides), run=run)
 
 
-class StepTimes:
+class StepTimes(trainer.Hook):
     """Hook: the per-step wall, compute and communication times of a run."""
 
     def __init__(self):
         self.records = []
 
-    def on_start(self, state, info):
-        pass
-
     def on_step(self, state, record):
         self.records.append(record)
-
-    def on_end(self, state, record):
-        pass
 
     def median(self, key, skip=0.1):
         values = [r[key] for r in self.records[int(len(self.records) * skip):]]

@@ -3,12 +3,15 @@
 One step: the driver puts the weights in the object store once, sends the reference and each
 worker's share of the step's examples, adds the returned gradient sums in rank order (so the
 result is deterministic) and hands them to the training loop, which divides by the total count
-and updates. 1 worker and N workers run this same code.
+and updates. 1 worker and N workers run this same code. On one node MeshTransport runs rounds of
+steps in which the workers do this summing and updating among themselves (distmlp.mesh).
 """
 
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import numpy as np
@@ -112,12 +115,12 @@ class RayBackend:
         self.mesh = self._mesh_transport(job)
 
     def _mesh_transport(self, job):
-        """mesh.MeshTransport for transport auto or mesh when every worker is on the driver's node."""
+        """MeshTransport for transport auto or mesh when every worker is on the driver's node."""
         t = job.cluster.transport
         if t not in ("auto", "mesh"):
             return None
         if mesh.eligible(self, ray.get_runtime_context().get_node_id()):
-            return mesh.MeshTransport(self, job)
+            return MeshTransport(self, job)
         if t == "mesh":
             self.close()
             raise ClusterError("cluster.transport = mesh needs every worker on the driver's node; "
@@ -277,6 +280,82 @@ class RayBackend:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.pg)
+
+
+class MeshTransport:
+    """Rounds of steps over the workers' mesh (distmlp.mesh), for a RayBackend whose workers share the driver's node."""
+
+    def __init__(self, backend, job):
+        self.backend = backend
+        o = job.optimizer
+        self.sampler = (o.name, backend.n_train, o.batch_size, o.sampling_mode, job.run.seed)
+        self.lr, self.momentum = o.learning_rate, o.momentum
+        # 0700: only this user's workers; in memory (tmpfs) where there is one, so the kernel
+        # never writes the shared slots back to a disk
+        self.shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)  # the workers remove it
+        self.gen, self.failures, self.nonfinite_at = 0, 0, None
+
+    def run_steps(self, state, stop):
+        """[(loss sum, count, compute s, step s)] for steps state.step.. (at most to stop),
+        with state.params and state.opt_state advanced; None when the caller should run one
+        step itself (its sum is not finite, or the mesh keeps failing)."""
+        first = state.step
+        if self.failures >= mesh.MAX_MESH_FAILURES or self.nonfinite_at == first:
+            return None
+        b = self.backend
+        start_ref = ray.put((state.params, state.opt_state))
+        while True:
+            request = {"gen": self.gen, "dir": self.dir, "workers": b.workers, "first": first, "stop": stop,
+                       "sampler": self.sampler, "lr": self.lr, "momentum": self.momentum,
+                       "timeout": b.timeout, "round_s": mesh.ROUND_S}
+            t0 = time.perf_counter()
+            calls = {rank: ("mesh_run", (start_ref, request)) for rank in range(b.workers)}
+            # a healthy round can run two steps of up to the step timeout past mesh.ROUND_S: rank 0
+            # decides to go on before its peers finish the step (which may take the timeout),
+            # and the next step may take it too
+            replies, failed = b._run_once(calls, mesh.ROUND_S + 2 * b.timeout + 5)
+            if failed:
+                steps = [r["step"] for r in replies.values() if r["status"] == mesh.BROKEN]
+                during = f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}"
+                b._on_failure(failed, during)
+                self._next_generation()
+                continue
+            break
+        wall = time.perf_counter() - t0
+        statuses = {r["status"] for r in replies.values()}
+        if mesh.BROKEN in statuses:  # no worker lost, yet the round broke (a socket problem): count it
+            self.failures += 1
+            self._next_generation()
+            detail = next(r["detail"] for r in replies.values() if r["status"] == mesh.BROKEN)
+            log.warning("worker mesh failed (%s); step %d goes over actor calls", detail, first + 1)
+            return None
+        done = {len(r["steps"]) for r in replies.values()}
+        prints = {r["fingerprint"] for r in replies.values()}
+        if len(done) != 1 or len(prints) != 1:
+            raise RuntimeError(f"mesh workers disagree after step {first}: steps {done}, weights {len(prints)} kinds")
+        n = done.pop()
+        if mesh.NONFINITE in statuses:
+            self.nonfinite_at = first + n
+        if n == 0:
+            return None
+        state.params, state.opt_state = replies[0]["params"], replies[0]["opt_state"]
+        overhead = max(wall - sum(rec[3] for rec in replies[0]["steps"]), 0.0) / n
+        out = []
+        for i in range(n):
+            loss_sum, count, _, step_s = replies[0]["steps"][i]
+            compute = max(r["steps"][i][2] for r in replies.values())
+            out.append((loss_sum, count, compute, step_s + overhead))
+        return out
+
+    def _next_generation(self):
+        """New sockets and slots (in a new directory) for the next attempt; the old ones go."""
+        shutil.rmtree(self.dir, ignore_errors=True)  # left when set-up broke half-way
+        self.gen += 1
+        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _finite(grads, loss):

@@ -9,8 +9,8 @@ in rank order, divides by the total count and applies the update: the same arith
 same order, as the driver of the actor transport, so the weights are the same bits in every
 worker and equal to the actor transport's.
 
-The driver asks for a round of steps at a time (one actor call per worker) and gets back each
-step's loss, count and timings, and the weights at the end. A round ends at the next point where
+The driver (driver.MeshTransport) asks for a round of steps at a time (one actor call per
+worker) and gets back each step's loss, count and timings, and the weights at the end. A round ends at the next point where
 the training loop needs the weights (evaluation, checkpoint, a hook's step, the end), after
 ROUND_S seconds, or before a step whose sum or update is not finite (the loop then runs that
 step over actor calls and applies its divergence policy). Rank 0 decides the time-based end and
@@ -26,22 +26,16 @@ read straight from the peer's shared-memory slot (double-buffered by step parity
 only reach step s+1 once every peer has finished reading step s-1's slots).
 """
 
-import logging
 import os
 import select
-import shutil
 import socket
 import struct
-import tempfile
 import time
 
 import numpy as np
-import ray
 
-from distmlp import fastpath, mlp, optim
+from distmlp import fastpath, mlp
 from distmlp.sampling import Sampler
-
-log = logging.getLogger("distmlp")
 
 SPIN_S = 0.0005  # polling before sleeping, per receive (0.3-1 ms measured alike)
 ROUND_S = 0.5  # a round ends after about this long, so the driver reports progress
@@ -328,85 +322,6 @@ class MeshWorker:
         return out
 
 
-# ---------------------------------------------------------------------------- driver side
-
-
 def eligible(backend, here):
     """Whether the mesh can run: every worker on this (the driver's) node."""
     return set(backend.bundle_nodes) == {here}
-
-
-class MeshTransport:
-    """Rounds of steps over the workers' mesh, for a RayBackend whose workers share the driver's node."""
-
-    def __init__(self, backend, job):
-        self.backend = backend
-        o = job.optimizer
-        self.sampler = (o.name, backend.n_train, o.batch_size, o.sampling_mode, job.run.seed)
-        self.lr, self.momentum = o.learning_rate, o.momentum
-        # 0700: only this user's workers; in memory (tmpfs) where there is one, so the kernel
-        # never writes the shared slots back to a disk
-        self.shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)  # the workers remove it
-        self.gen, self.failures, self.nonfinite_at = 0, 0, None
-
-    def run_steps(self, state, stop):
-        """[(loss sum, count, compute s, step s)] for steps state.step.. (at most to stop),
-        with state.params and state.opt_state advanced; None when the caller should run one
-        step itself (its sum is not finite, or the mesh keeps failing)."""
-        first = state.step
-        if self.failures >= MAX_MESH_FAILURES or self.nonfinite_at == first:
-            return None
-        b = self.backend
-        start_ref = ray.put((state.params, state.opt_state))
-        while True:
-            request = {"gen": self.gen, "dir": self.dir, "workers": b.workers, "first": first, "stop": stop,
-                       "sampler": self.sampler, "lr": self.lr, "momentum": self.momentum,
-                       "timeout": b.timeout, "round_s": ROUND_S}
-            t0 = time.perf_counter()
-            calls = {rank: ("mesh_run", (start_ref, request)) for rank in range(b.workers)}
-            # a healthy round can run two steps of up to the step timeout past ROUND_S: rank 0
-            # decides to go on before its peers finish the step (which may take the timeout),
-            # and the next step may take it too
-            replies, failed = b._run_once(calls, ROUND_S + 2 * b.timeout + 5)
-            if failed:
-                steps = [r["step"] for r in replies.values() if r["status"] == BROKEN]
-                during = f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}"
-                b._on_failure(failed, during)
-                self._next_generation()
-                continue
-            break
-        wall = time.perf_counter() - t0
-        statuses = {r["status"] for r in replies.values()}
-        if BROKEN in statuses:  # no worker lost, yet the round broke (a socket problem): count it
-            self.failures += 1
-            self._next_generation()
-            detail = next(r["detail"] for r in replies.values() if r["status"] == BROKEN)
-            log.warning("worker mesh failed (%s); step %d goes over actor calls", detail, first + 1)
-            return None
-        done = {len(r["steps"]) for r in replies.values()}
-        prints = {r["fingerprint"] for r in replies.values()}
-        if len(done) != 1 or len(prints) != 1:
-            raise RuntimeError(f"mesh workers disagree after step {first}: steps {done}, weights {len(prints)} kinds")
-        n = done.pop()
-        if NONFINITE in statuses:
-            self.nonfinite_at = first + n
-        if n == 0:
-            return None
-        state.params, state.opt_state = replies[0]["params"], replies[0]["opt_state"]
-        overhead = max(wall - sum(rec[3] for rec in replies[0]["steps"]), 0.0) / n
-        out = []
-        for i in range(n):
-            loss_sum, count, _, step_s = replies[0]["steps"][i]
-            compute = max(r["steps"][i][2] for r in replies.values())
-            out.append((loss_sum, count, compute, step_s + overhead))
-        return out
-
-    def _next_generation(self):
-        """New sockets and slots (in a new directory) for the next attempt; the old ones go."""
-        shutil.rmtree(self.dir, ignore_errors=True)  # left when set-up broke half-way
-        self.gen += 1
-        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)
-
-    def close(self):
-        shutil.rmtree(self.dir, ignore_errors=True)

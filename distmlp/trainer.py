@@ -40,6 +40,26 @@ class StepResult:
     bad_worker: str | None = None  # the first worker whose partial result was non-finite
 
 
+class Hook:
+    """A training-loop hook that does nothing: subclasses override what they need.
+
+    next_stop(step): the first step after `step` at which the hook needs state.params (rounds
+    of steps end there); None when it needs none.
+    """
+
+    def on_start(self, state, info):
+        pass
+
+    def on_step(self, state, record):
+        pass
+
+    def on_end(self, state, record):
+        pass
+
+    def next_stop(self, step):
+        return None
+
+
 def initial_state(job):
     rng = np.random.default_rng(job.run.seed)
     params = mlp.init_params(job.model.sizes, rng, np.dtype(job.model.dtype).type)

@@ -5,6 +5,8 @@ import signal
 import time
 from pathlib import Path
 
+from distmlp import trainer
+
 
 def alive(pid):
     """True while pid runs (a zombie waiting for init to reap it counts as gone)."""
@@ -14,7 +16,7 @@ def alive(pid):
         return False
 
 
-class AtStep:
+class AtStep(trainer.Hook):
     """Hook: calls action(backend) once, after the given step (1-based) completed."""
 
     def __init__(self, step, action):
@@ -24,9 +26,6 @@ class AtStep:
         self.backend = backend
         return self
 
-    def on_start(self, state, info):
-        pass
-
     def next_stop(self, step):
         """Rounds of steps (mesh transport) end at our step, so the action runs between steps."""
         return self.step if step < self.step else None
@@ -34,9 +33,6 @@ class AtStep:
     def on_step(self, state, record):
         if record["step"] == self.step:
             self.action(self.backend)
-
-    def on_end(self, state, record):
-        pass
 
 
 def kill(rank, sig=signal.SIGKILL, log=None):

@@ -154,7 +154,7 @@ def job_for(name, transport, steps, workers=2, **extra):
     return config.replace(job, **extra) if extra else job
 
 
-class Rounds:
+class Rounds(trainer.Hook):
     """Hook: the records of a run, plus how many rounds the mesh ran (calls to run_steps)."""
 
     def __init__(self, backend):
@@ -167,14 +167,8 @@ class Rounds:
                 return inner(state, stop)
             backend.mesh.run_steps = counted
 
-    def on_start(self, state, info):
-        pass
-
     def on_step(self, state, record):
         self.records.append(record)
-
-    def on_end(self, state, record):
-        pass
 
 
 def run(job, source, hooks=(), worker_cls=None):
@@ -259,18 +253,12 @@ def test_a_worker_killed_in_the_middle_of_a_round_is_replaced_and_the_round_reru
         pid = backend.worker_info[1]["pid"]
         threading.Timer(0.15, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid))).start()
 
-    class KillAtStart:
+    class KillAtStart(trainer.Hook):
         def __init__(self, backend):
             self.backend = backend
 
         def on_start(self, state, info):
             kill_soon(self.backend)
-
-        def on_step(self, state, record):
-            pass
-
-        def on_end(self, state, record):
-            pass
 
     with caplog.at_level(logging.WARNING, logger="distmlp"):
         got, backend, rounds = run(job, source, [KillAtStart])
