@@ -9,16 +9,17 @@ in rank order, divides by the total count and applies the update: the same arith
 same order, as the driver of the actor transport, so the weights are the same bits in every
 worker and equal to the actor transport's.
 
-The driver (driver.MeshTransport) asks for a round of steps at a time (one actor call per
+The driver (transport.MeshTransport) asks for a round of steps at a time (one actor call per
 worker) and gets back each step's loss, count and timings, and the weights at the end. A round ends at the next point where
 the training loop needs the weights (evaluation, checkpoint, a hook's step, the end), after
-ROUND_S seconds, or before a step whose sum or update is not finite (the loop then runs that
-step over actor calls and applies its divergence policy). Rank 0 decides the time-based end and
-tells the others in the header of the step, so every worker stops after the same step.
+ROUND_S seconds, or at a step whose sum or update is not finite. Rank 0 decides the time-based end and
+tells the others in the header of the step, so every worker stops after the same step. A step
+that is not finite ends the round without being applied; every worker sees the same bits, so
+all stop there, and the training loop applies its divergence policy.
 
 Failure: a worker that dies closes its sockets, so its peers see end-of-file at once; a hung
 worker makes them time out after cluster.step_timeout_s. Either way the round is abandoned,
-the driver replaces the lost worker (RayBackend._on_failure: counted, restarted), opens a new
+the driver replaces the lost worker (WorkerGroup.replace: counted, restarted), opens a new
 generation of sockets and runs the round again from the weights it started with: the same bits.
 
 Per step only 24 bytes per peer cross a socket; the gradient sums (4 bytes per parameter) are
@@ -32,14 +33,14 @@ import socket
 import struct
 import time
 
+import functools
+
 import numpy as np
 
-from distmlp import fastpath, mlp
-from distmlp.sampling import Sampler
+from distmlp import step as contract
 
 SPIN_S = 0.0005  # polling before sleeping, per receive (0.3-1 ms measured alike)
-ROUND_S = 0.5  # a round ends after about this long, so the driver reports progress
-MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: per-step actor calls
+MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: actor calls
 _HEADER = struct.Struct("<qdqq")  # step, loss sum, count, rank 0: last step of the round (1) or not (0)
 OK, NONFINITE, BROKEN = "ok", "nonfinite", "broken"
 
@@ -50,30 +51,6 @@ class MeshBroken(Exception):
     def __init__(self, step, rank, why):
         super().__init__(f"worker {rank} {why} " + (f"during step {step + 1}" if step >= 0 else "while connecting"))
         self.step, self.rank, self.why = step, rank, why
-
-
-# ---------------------------------------------------------------------------- flat weights
-
-
-def flatten(arrays, names, out=None):
-    """The arrays of a params-like dict, in names order, as one flat array (into out if given)."""
-    flat = [arrays[name].reshape(-1) for name in names]
-    return np.concatenate(flat, out=out)
-
-
-def layout(params, names):
-    """[(name, start, stop, shape)] of each array of params in a flat array, in names order."""
-    out, at = [], 0
-    for name in names:
-        size = params[name].size
-        out.append((name, at, at + size, params[name].shape))
-        at += size
-    return out
-
-
-def unflatten(flat, places):
-    """{name: view of flat} for the layout places."""
-    return {name: flat[lo:hi].reshape(shape) for name, lo, hi, shape in places}
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -194,59 +171,6 @@ def _recv_exactly(sock, n, step, peer, timeout, spin_s=0.0):
     return bytes(buf)
 
 
-class FlatUpdate:
-    """Weights (and momentum) as flat arrays, double-buffered, updated in place.
-
-    The operations are optim.step's and optim.mean_grads', one array instead of one per name:
-    elementwise, so every element gets the same bits. The new values go into the other buffer,
-    so a step whose update is not finite leaves the current ones untouched.
-    """
-
-    def __init__(self, start, momentum):
-        params, opt_state = start
-        self.places = layout(params, mlp.param_names(len(params) // 2))
-        names = [name for name, *_ in self.places]
-        flat = flatten(params, names)
-        self.params = [flat, np.empty_like(flat)]
-        self.views = [unflatten(buf, self.places) for buf in self.params]
-        self.velocity = [flatten(opt_state, names), np.empty_like(flat)] if opt_state else None
-        self.momentum, self.cur = momentum, 0
-        self.total = np.empty_like(flat)
-
-    def current(self):
-        return self.views[self.cur]
-
-    def apply(self, lr, count):
-        """Update from the gradient sums in self.total over count examples; False (nothing
-        changed) when the new weights or velocity are not finite."""
-        with np.errstate(over="ignore", invalid="ignore"):  # checked below
-            return self._apply(lr, count)
-
-    def _apply(self, lr, count):
-        cur, new = self.cur, 1 - self.cur
-        g = np.divide(self.total, count, out=self.total)  # mean_grads: g / count
-        if self.velocity is None:  # p - lr * g
-            np.subtract(self.params[cur], np.multiply(g, lr, out=g), out=self.params[new])
-        else:  # v = momentum * v + g; p - lr * v
-            v = np.add(np.multiply(self.velocity[cur], self.momentum, out=self.velocity[new]), g,
-                       out=self.velocity[new])
-            np.subtract(self.params[cur], np.multiply(v, lr, out=g), out=self.params[new])
-        # a NaN or infinity anywhere makes the sum non-finite (a finite sum that overflows only
-        # sends a finite step to the training loop, which then runs it exactly)
-        if not np.isfinite(self.params[new].sum()) or (
-                self.velocity is not None and not np.isfinite(self.velocity[new].sum())):
-            return False
-        self.cur = new
-        return True
-
-    def state(self):
-        """(params, opt_state) as fresh arrays keyed by name."""
-        params = {name: a.copy() for name, a in self.current().items()}
-        if self.velocity is None:
-            return params, {}
-        return params, {name: a.copy() for name, a in unflatten(self.velocity[self.cur], self.places).items()}
-
-
 class MeshWorker:
     """The mesh side of one ShardWorker: its peers and the round loop."""
 
@@ -265,27 +189,24 @@ class MeshWorker:
     def run(self, start, request):
         """Run steps [first, stop) from start = (params, opt_state); a dict for the driver."""
         r, w = request, self.worker
-        weights = FlatUpdate(start, r["momentum"])
-        names = [name for name, *_ in weights.places]
+        params, opt_state = start
+        weights = contract.FlatWeights(params, opt_state, r["momentum"])
         try:
             self._connect(r, weights.total.size, weights.total.dtype)
         except (OSError, MeshBroken) as e:
             return {"status": BROKEN, "steps": [], "detail": f"cannot connect: {e}", "step": r["first"]}
-        peers = self.peers
-        lo, hi = w.train_range
-        sampler = Sampler(*r["sampler"])
-        records, status, detail = [], OK, None
+        peers, sampler = self.peers, r["sampler"]
+        records, status, detail, nonfinite = [], OK, None, None
         round_end = time.perf_counter() + r["round_s"]
         step = r["first"]
         while step < r["stop"]:
             t0 = time.perf_counter()
-            batch = sampler.batch(step)
-            local = None if batch is None else batch[(batch >= lo) & (batch < hi)] - lo
+            local = contract.local_rows(sampler.batch(step), w.train_range)
             count, loss_sum, compute_s = 0, 0.0, 0.0
             parity = step % 2
             if local is None or len(local):
                 _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
-                flatten(grads, names, out=peers.mine[parity])
+                contract.flatten(grads, weights.names, out=peers.mine[parity])
             last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
             try:
                 headers = peers.exchange(step, (loss_sum, count, last))
@@ -294,34 +215,36 @@ class MeshWorker:
                 self.peers.close()
                 self.peers = None
                 break
-            # the driver's sum (RayBackend.grad_sums): ranks with examples, in rank order
-            total_loss, total_count = 0.0, 0
-            for rank in sorted(headers):
-                _, part_loss, part_count, _ = headers[rank]
-                if part_count == 0:
-                    continue
-                part = peers.slots[rank][parity]
-                if total_count == 0:
-                    np.copyto(weights.total, part)
-                else:
-                    np.add(weights.total, part, out=weights.total)
-                total_loss += part_loss
-                total_count += part_count
-            if not (np.isfinite(total_loss) and weights.apply(r["lr"], total_count)):
-                status = NONFINITE  # the loop runs this step itself and applies its policy
+            parts = [(rank, peers.slots[rank][parity], headers[rank][1], headers[rank][2])
+                     for rank in sorted(headers) if headers[rank][2]]
+            total_loss, total_count, cause = contract.apply_step(weights, parts, r["lr"])
+            if cause is not None:  # not applied: every worker stops here, the loop applies its policy
+                status, nonfinite = NONFINITE, (total_loss, total_count, *cause)
                 break
-            t2 = time.perf_counter()
-            records.append((total_loss, total_count, compute_s, t2 - t0))
+            records.append((total_loss, total_count, compute_s, time.perf_counter() - t0))
             step += 1
             if headers[0][3]:
                 break
-        out = {"status": status, "step": step, "detail": detail, "steps": records,
-               "fingerprint": fastpath.fingerprint(weights.current())}
+        out = {"status": status, "step": step, "detail": detail, "steps": records, "nonfinite": nonfinite,
+               "fingerprint": fingerprint(weights.current())}
         if w.rank == 0:
             out["params"], out["opt_state"] = weights.state()
         return out
 
 
-def eligible(backend, here):
-    """Whether the mesh can run: every worker on this (the driver's) node."""
-    return set(backend.bundle_nodes) == {here}
+def fingerprint(params):
+    """64-bit linear hash of the weights' bits: a different bit anywhere changes it."""
+    blob = b"".join(np.ascontiguousarray(params[name]).tobytes() for name in sorted(params))
+    words = np.frombuffer(blob + b"\0" * (-len(blob) % 8), np.uint64)
+    return int(np.dot(words, _multipliers(len(words))))  # integer dot: wraps modulo 2**64
+
+
+@functools.cache
+def _multipliers(n):
+    """n fixed odd 64-bit constants (the same in every process)."""
+    return np.random.default_rng(0x5EED).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+
+
+def eligible(group, here):
+    """Whether the mesh can run: every worker of the group on this (the driver's) node."""
+    return set(group.bundle_nodes) == {here}

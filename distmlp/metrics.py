@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distmlp import fsutil
+from distmlp.trainer import Hook
 from distmlp.errors import UserError
 
 JSONL = "metrics.jsonl"
@@ -68,7 +69,7 @@ def _json_value(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-class MetricsWriter:
+class MetricsWriter(Hook):
     """Every step record as one JSON line in RUN_DIR/metrics.jsonl, and RUN_DIR/metrics.parquet.
 
     The JSON lines are appended and flushed per step (for tail -f); the Parquet file is
@@ -133,7 +134,7 @@ def default_log_every(steps, lines=20):
     return max(1, math.ceil(steps / lines))
 
 
-class Progress:
+class Progress(Hook):
     """One line per logged step (every log_every-th, every evaluated one, the last one), plus a
     rich progress bar with ETA when stdout is a terminal and quiet is False.
 

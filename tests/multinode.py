@@ -13,7 +13,7 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from distmlp import config, data, driver, trainer
+from distmlp import config, data, trainer, transport
 from hooks import AtStep
 
 
@@ -27,10 +27,10 @@ def start_cluster(worker_nodes=2):
 
 
 def train(job, source, hooks=()):
-    backend = driver.RayBackend(source, job)
+    backend = transport.start(source, job)
     try:
         state = trainer.train(job, backend, hooks=[h(backend) for h in hooks])
-        return state, [dict(info, node_copies=len(backend.node_data)) for info in backend.worker_info]
+        return state, [dict(info, node_copies=len(backend.group.node_data)) for info in backend.group.worker_info]
     finally:
         backend.close()
 
@@ -56,7 +56,7 @@ def placement():
 def replace_node(cluster, rank, events):
     """Action: kill the node hosting worker rank (no grace) and add a fresh 1-CPU node."""
     def action(backend):
-        node_id = backend.worker_info[rank]["node_id"]
+        node_id = backend.group.worker_info[rank]["node_id"]
         node = next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
         events["removed"], events["t_removed"] = node_id, time.perf_counter()
         cluster.remove_node(node, allow_graceful=False)
@@ -68,7 +68,7 @@ def note_recovery(events):
     """Action: time since the node was removed, and the failures the driver counted."""
     def action(backend):
         events["recovery_s"] = time.perf_counter() - events.pop("t_removed")
-        events["failures"] = backend.failures
+        events["failures"] = backend.group.failures
     return action
 
 

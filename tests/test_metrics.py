@@ -47,7 +47,7 @@ def test_writer_parquet_is_written_during_the_run(tmp_path, backend):
     run_dir = tmp_path / "run"
     seen = []
 
-    class Peek:
+    class Peek(trainer.Hook):
         def on_start(self, state, info): pass
         def on_end(self, state, record): pass
 
