@@ -27,13 +27,15 @@ read straight from the peer's shared-memory slot (double-buffered by step parity
 only reach step s+1 once every peer has finished reading step s-1's slots).
 """
 
+import functools
 import os
 import select
+import shutil
 import socket
+import stat
 import struct
+import tempfile
 import time
-
-import functools
 
 import numpy as np
 
@@ -65,11 +67,10 @@ class Peers:
         # wait for peers by polling (a sleeping worker wakes up tens of microseconds late)
         # only when every worker can have a core of its own
         self.spin_s = SPIN_S if n_workers <= (os.cpu_count() or 1) else 0.0
-        nbytes = 2 * max(slot_items, 1) * np.dtype(dtype).itemsize
+        check_private_dir(directory)
+        shape = (2, max(slot_items, 1))
         path = os.path.join(directory, f"g{gen}-r{rank}")
-        with open(path + ".buf", "wb") as f:  # exists before the listening socket does
-            f.truncate(nbytes)
-        self.mine = np.asarray(np.memmap(path + ".buf", dtype=dtype, mode="r+", shape=(2, slot_items)))
+        self.mine = _map(path + ".buf", dtype, shape, create=True)  # exists before the listening socket does
         self.slots = {rank: self.mine}
         self.socks = {}
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -79,28 +80,28 @@ class Peers:
             deadline = time.monotonic() + timeout
             for peer in range(rank):  # connect to the lower ranks (they listen before connecting)
                 self.socks[peer] = _connect(os.path.join(directory, f"g{gen}-r{peer}.sock"), deadline)
+                _check_peer(self.socks[peer], peer)
                 self.socks[peer].sendall(struct.pack("<q", rank))
             for _ in range(rank + 1, n_workers):  # accept the higher ranks
                 listener.settimeout(max(deadline - time.monotonic(), 0.01))
                 conn, _ = listener.accept()
                 conn.setblocking(False)
+                _check_peer(conn, "?")
                 (peer,) = struct.unpack("<q", _recv_exactly(conn, 8, -1, "?", timeout))
+                if not rank < peer < n_workers or peer in self.socks:
+                    conn.close()
+                    raise MeshBroken(-1, peer, f"claimed rank {peer}, not one of the unseen ranks above {rank}")
                 self.socks[peer] = conn
         finally:
             listener.close()
             _unlink(path + ".sock")
         for peer, sock in self.socks.items():
             sock.setblocking(False)
-            self.slots[peer] = np.asarray(np.memmap(os.path.join(directory, f"g{gen}-r{peer}.buf"),
-                                                    dtype=dtype, mode="r", shape=(2, slot_items)))
-        # Once every peer has mapped our slots the file needs no name, and once every file is
-        # unlinked the directory can go: nothing is left in shared memory when a process dies,
-        # the driver included.
+            self.slots[peer] = _map(os.path.join(directory, f"g{gen}-r{peer}.buf"), dtype, shape, create=False)
+        # Once every peer has mapped our slots the file needs no name; the (private) directory
+        # stays until the driver closes the transport.
         self.exchange(-1, (0.0, 0, 0))
         _unlink(path + ".buf")
-        self.exchange(-2, (0.0, 0, 0))
-        if rank == 0:
-            os.rmdir(directory)
 
     def exchange(self, step, header):
         """Send this worker's header for step to every peer; {rank: header} of every worker."""
@@ -122,6 +123,40 @@ class Peers:
         for sock in self.socks.values():
             sock.close()
         self.socks = {}
+
+
+def check_private_dir(directory):
+    """Refuse a mesh directory that is not a real directory of this user with mode 0700 (another
+    user could have made it, or put a symlink there)."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(f"{directory}: not a private directory of this user (mode 0700); refusing it")
+
+
+def _map(path, dtype, shape, create):
+    """A shared-memory slot file mapped into memory: made new (never following a symlink, mode
+    0600) with create, else an existing regular file of this user's, read-only."""
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.ftruncate(fd, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError(f"{path}: not a regular file of this user; refusing it")
+        with open(fd, "r+b" if create else "rb", closefd=False) as f:
+            return np.asarray(np.memmap(f, dtype=dtype, mode="r+" if create else "r", shape=shape))
+    finally:
+        os.close(fd)
+
+
+def _check_peer(sock, rank):
+    """Refuse a connection from a process of another user (SO_PEERCRED)."""
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid != os.getuid():
+        sock.close()
+        raise MeshBroken(-1, rank, f"connected as user {uid}, not this user")
 
 
 def _unlink(path):
@@ -248,3 +283,38 @@ def _multipliers(n):
 def eligible(group, here):
     """Whether the mesh can run: every worker of the group on this (the driver's) node."""
     return set(group.bundle_nodes) == {here}
+
+
+PREFIX = "distmlp-mesh-"  # + the driver's pid + "-": the directory of one run's mesh
+
+
+def shm_dir():
+    """Where the slots live: in memory (tmpfs) where there is one, so they are never written to a disk."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def make_dir():
+    """A new private (0700) directory for a run's mesh, named after this (the driver's) process."""
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=shm_dir())
+
+
+def sweep_stale():
+    """Remove this user's mesh directories whose driver process is gone (killed before it could)."""
+    base = shm_dir()
+    for name in os.listdir(base):
+        pid = name[len(PREFIX):].split("-")[0]
+        path = os.path.join(base, name)
+        if not (name.startswith(PREFIX) and pid.isdigit()) or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            if os.lstat(path).st_uid == os.getuid() and stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
+def room_for(workers, n_items, itemsize):
+    """Whether the shared-memory filesystem has room for every worker's double-buffered slots
+    (Docker gives /dev/shm 64 MB; a full one kills a worker with SIGBUS instead of an error)."""
+    need = workers * 2 * n_items * itemsize
+    return shutil.disk_usage(shm_dir()).free >= 2 * need + (1 << 20)

@@ -15,11 +15,10 @@ every worker is on the driver's node, actor calls otherwise).
 """
 
 import logging
-import os
 import shutil
-import tempfile
 import time
 
+import numpy as np
 import ray
 
 from distmlp import mesh, mlp, step, trainer, worker
@@ -40,7 +39,11 @@ def start(source, job, worker_cls=worker.RemoteShardWorker):
                                f"the workers were placed on {len(set(group.bundle_nodes))} node(s) "
                                "(use transport auto or actors)")
         if choice in ("auto", "mesh") and on_one_node:
-            return MeshTransport(group)
+            n_items = sum(a * b + b for a, b in zip(job.model.sizes[:-1], job.model.sizes[1:]))
+            if mesh.room_for(group.workers, n_items, np.dtype(job.model.dtype).itemsize):
+                return MeshTransport(group)
+            log.warning("%s has too little free space for the workers' shared-memory slots; "
+                        "steps go over actor calls", mesh.shm_dir())
         return ActorTransport(group)
     except BaseException:
         group.close()
@@ -96,10 +99,8 @@ class MeshTransport:
         self.group = group
         self.workers, self.n_train, self.n_test = group.workers, group.n_train, group.n_test
         self.actors = ActorTransport(group)  # rounds when the mesh keeps breaking with no worker lost
-        # 0700: only this user's workers; in memory (tmpfs) where there is one, so the kernel
-        # never writes the shared slots back to a disk
-        self.shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)  # the workers remove it
+        mesh.sweep_stale()
+        self.dir = mesh.make_dir()  # private (0700), kept until close
         self.gen, self.broken = 0, 0
 
     def run_steps(self, state, stop, plan):
@@ -153,9 +154,9 @@ class MeshTransport:
 
     def _next_generation(self):
         """New sockets and slots (in a new directory) for the next attempt; the old ones go."""
-        shutil.rmtree(self.dir, ignore_errors=True)  # left when set-up broke half-way
+        shutil.rmtree(self.dir, ignore_errors=True)
         self.gen += 1
-        self.dir = tempfile.mkdtemp(prefix="distmlp-mesh-", dir=self.shm)
+        self.dir = mesh.make_dir()
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -71,7 +71,7 @@ def test_layout_round_trips_every_array():
 def connect_all(directory, n, items=10, timeout=5.0, gen=0):
     """n Peers made in threads (each blocks until the others connect); {rank: Peers}."""
     out, errors = {}, []
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def make(rank):
         try:
@@ -107,7 +107,7 @@ def exchange_all(peers, step, headers):
 
 def test_peers_share_headers_and_slots_and_leave_no_files(tmp_path):
     peers = connect_all(tmp_path / "mesh", 3)
-    assert os.listdir(tmp_path) == []  # sockets, slot files and their directory gone once all are mapped
+    assert os.listdir(tmp_path / "mesh") == []  # sockets and slot files gone once all are mapped
     for rank, p in peers.items():
         p.mine[1] = rank + 0.5
     got, errors = exchange_all(peers, 5, {r: (r * 1.5, r + 1, int(r == 0)) for r in peers})
@@ -221,7 +221,7 @@ def test_hook_and_checkpoint_steps_end_rounds(ray_session, source, tmp_path):
     from distmlp import checkpoint
     job = job_for("minibatch", "auto", 20, run={"eval_every": 0, "steps": 20})
     seen = []
-    hook = AtStep(6, lambda backend: seen.append(os.path.exists(backend.dir)))
+    hook = AtStep(6, lambda backend: seen.append(os.listdir(backend.dir)))
     ckpt = checkpoint.CheckpointHook(tmp_path, job, every=8, keep_last=5)
     backend = transport.start(source, job)
     rounds = Rounds(backend)
@@ -230,7 +230,7 @@ def test_hook_and_checkpoint_steps_end_rounds(ray_session, source, tmp_path):
     finally:
         backend.close()
     assert rounds.rounds == 4  # [0, 6), [6, 8), [8, 16), [16, 20)
-    assert seen == [False]  # nothing named in shared memory while the run goes
+    assert seen == [[]]  # nothing named in the (private) mesh directory while the run goes
     assert not os.path.exists(backend.dir)  # and the directory is gone after close
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert saved == ["step-000008", "step-000016", "step-000020"]
@@ -286,5 +286,90 @@ def test_transport_mesh_needs_the_workers_on_the_drivers_node(ray_session, sourc
     backend = transport.start(source, job_for("minibatch", "auto", 2))  # auto: actor calls then
     try:
         assert isinstance(backend, transport.ActorTransport)
+    finally:
+        backend.close()
+
+
+# ------------------------------------------------------- shared memory another local user can reach
+
+
+def test_a_mesh_directory_that_is_not_private_is_refused(tmp_path):
+    """A symlink, a group- or world-readable directory, or another user's directory: no file made."""
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(victim)
+    (tmp_path / "open").mkdir(mode=0o755)
+    os.chmod(tmp_path / "open", 0o755)
+    (tmp_path / "theirs").mkdir(mode=0o700)
+    os.chown(tmp_path / "theirs", 65534, 65534) if os.getuid() == 0 else None
+    cases = ["link", "open"] + (["theirs"] if os.getuid() == 0 else [])
+    for name in cases:
+        with pytest.raises(PermissionError, match="not a private directory of this user"):
+            mesh.Peers(str(tmp_path / name), 0, 0, 1, 10, np.float32, 1.0)
+    assert os.listdir(victim) == [] and os.listdir(tmp_path / "open") == []
+
+
+def test_a_symlink_planted_at_a_slot_path_is_not_followed(tmp_path):
+    """Another user who could create files in the directory cannot make a worker truncate a victim file."""
+    directory = tmp_path / "mesh"
+    directory.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (directory / "g0-r0.buf").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        mesh.Peers(str(directory), 0, 0, 1, 10, np.float32, 1.0)
+    assert victim.read_text() == "precious"
+
+
+def test_slot_files_are_made_new_with_mode_0600(tmp_path):
+    slot = mesh._map(str(tmp_path / "s.buf"), np.float32, (2, 8), create=True)
+    assert slot.shape == (2, 8) and (os.stat(tmp_path / "s.buf").st_mode & 0o777) == 0o600
+
+
+def test_a_peer_claiming_a_bad_rank_or_another_users_connection_is_refused(tmp_path, monkeypatch):
+    import socket as socketlib
+    import struct
+    directory = tmp_path / "mesh"
+    directory.mkdir(mode=0o700)
+    for claimed in (7, 0):  # out of range; rank 0's own rank
+        errors = []
+
+        def listen():
+            try:
+                mesh.Peers(str(directory), claimed, 0, 2, 10, np.float32, 5.0)
+            except Exception as e:  # reported below
+                errors.append(e)
+        t = threading.Thread(target=listen)
+        t.start()
+        sock = mesh._connect(str(directory / f"g{claimed}-r0.sock"), time.monotonic() + 5)
+        sock.sendall(struct.pack("<q", claimed))
+        t.join(10)
+        sock.close()
+        assert len(errors) == 1 and isinstance(errors[0], mesh.MeshBroken), errors
+        assert f"claimed rank {claimed}, not one of the unseen ranks above 0" in str(errors[0])
+    a, b = socketlib.socketpair(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    mesh._check_peer(a, 1)  # this user: accepted
+    monkeypatch.setattr(mesh.os, "getuid", lambda: 4242)
+    with pytest.raises(mesh.MeshBroken, match=r"worker 1 connected as user \d+, not this user"):
+        mesh._check_peer(b, 1)
+
+
+def test_stale_mesh_directories_of_dead_drivers_are_swept():
+    dead = mesh.tempfile.mkdtemp(prefix=f"{mesh.PREFIX}{2**22 + 17}-", dir=mesh.shm_dir())
+    live = mesh.make_dir()
+    try:
+        mesh.sweep_stale()
+        assert not os.path.exists(dead) and os.path.isdir(live)
+    finally:
+        os.rmdir(live)
+
+
+def test_too_little_shared_memory_means_actor_calls_with_a_warning(ray_session, source, monkeypatch, caplog):
+    monkeypatch.setattr(mesh, "room_for", lambda workers, n_items, itemsize: False)
+    with caplog.at_level(logging.WARNING, logger="distmlp"):
+        backend = transport.start(source, job_for("minibatch", "auto", 2))
+    try:
+        assert isinstance(backend, transport.ActorTransport)
+        assert any("too little free space" in r.getMessage() for r in caplog.records)
     finally:
         backend.close()
