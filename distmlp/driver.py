@@ -24,37 +24,66 @@ def default_run_dir(job):
     return os.path.join("runs", f"{stamp}-{job.run.name}")
 
 
-def start_backend(source, job, echo):
-    """(backend, whether we started Ray) for job: in this process, or worker actors on Ray."""
+def start_backend(source, job, echo, on_change):
+    """(backend, whether we started Ray) for job: in this process, or worker actors on Ray
+    (elastic between cluster.min_workers and cluster.workers; on_change(event) hears of it)."""
     c = job.cluster
     if c.workers == 0:
         return trainer.LocalBackend(source, job.model.dtype), False
-    from distmlp import connect, transport
+    from distmlp import connect, elastic
     cores = os.cpu_count() or 1
     wanted = math.ceil(c.workers * c.cpus_per_worker)
     started = connect.connect(c.address, num_cpus=max(cores, wanted))
     if started and wanted > cores:
         echo(f"note: {c.workers} workers of {c.cpus_per_worker:g} CPU share this machine's {cores} cores")
     try:
-        return transport.start(source, job), started
+        return elastic.ElasticBackend(source, job, on_change), started
     except BaseException:
         if started:
             connect.disconnect()
         raise
 
 
-def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=()):
+RESUME_KEYS = ("cluster.", "run.steps", "run.epochs", "run.eval_every", "run.log_every",
+               "run.checkpoint_every", "run.keep_last", "run.on_nonfinite")  # what a resumed run may change
+
+
+def check_resume_updates(updates):
+    """Refuse updates {"section.key": value} to a resumed run that would change its math (model,
+    optimizer, data, seed)."""
+    refused = sorted(key for key in updates if not key.startswith(RESUME_KEYS))
+    if refused:
+        raise config.ConfigError(f"--resume: {refused[0]} would change the run's math; a resumed run may change "
+                                 "only cluster.*, run.steps / epochs and how often it evaluates, logs and saves")
+
+
+def resumed_job(job, updates):
+    """The checkpoint's job with updates {"section.key": value} (see check_resume_updates)."""
+    check_resume_updates(updates)
+    sections = {}
+    for key, value in updates.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    if "run" in sections and "epochs" in sections["run"] and "steps" not in sections["run"]:
+        sections["run"]["steps"] = None  # --epochs extends a run that was given in steps
+    return config.replace(job, **sections)
+
+
+def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(), resume_updates=None):
     """Train job; returns the summary dict. hooks: extra loop hooks after the run's own.
 
     resume: a run directory; training continues from its newest valid checkpoint with the job
-    saved there, on the cluster given by address (never one named by the run directory).
-    Nothing is written until the data set resolved and the workers started.
+    saved there (changed by resume_updates, see resumed_job), on the cluster given by address
+    (never one named by the run directory). Nothing is written until the data set resolved and
+    the workers started.
     """
     t0 = time.perf_counter()
     state = None
     if resume is not None:
+        check_resume_updates(resume_updates or {})
         path, ckpt = checkpoint.latest_valid(resume)
-        job, state = config.replace(ckpt.job, cluster={"address": address}), checkpoint.to_train_state(ckpt)
+        job = resumed_job(ckpt.job, {**(resume_updates or {}), "cluster.address": address})
+        state = checkpoint.to_train_state(ckpt)
         run_dir = str(resume)
         echo(f"resuming {run_dir} from {path} (step {state.step})")
     else:
@@ -67,7 +96,13 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
         checkpoint.check_sampler(ckpt, sampler)  # the data set must still give the same batches
     if job.optimizer.name == "sgd" and job.cluster.workers > 1:
         echo("note: sgd updates after every example, so more workers add no speed (only shards the data)")
-    backend, started = start_backend(source, job, echo)
+    changes = []
+
+    def on_change(event):
+        changes.append(event)
+        echo(f"workers {event['workers_before']} -> {event['workers_after']} at step {event['step']} "
+             f"({event['why']}; {event['nodes']} node(s), regrouped in {event['seconds']:.1f} s)")
+    backend, started = start_backend(source, job, echo, on_change)
     try:
         where = (f"{job.cluster.workers} workers on {len(backend.group.nodes())} node(s)"
                  if job.cluster.workers else "in this process (no Ray workers)")
@@ -92,4 +127,4 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
     return {"run_dir": run_dir, "checkpoint": ckpt_hook.last_path, "workers": job.cluster.workers,
             "optimizer": job.optimizer.name, "steps": state.step, "epochs": m.get("epoch"),
             "train_loss": m.get("train_loss"), "test_loss": m.get("test_loss"),
-            "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0}
+            "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0, "membership": changes}

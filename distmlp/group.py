@@ -22,7 +22,6 @@ log = logging.getLogger("distmlp")
 # A worker is lost when its process (or its node) died, or its result went with its node.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 PLACE_TIMEOUT_S = 60  # the workers must be placed by then
-RESTART_TIMEOUT_S = 120  # a replacement worker must have loaded its shard by then
 RESTART_PAUSE_S = 1.0  # before starting again a replacement that died while starting
 
 
@@ -30,10 +29,18 @@ class WorkerFailure(RunStopped, RuntimeError):
     """Workers failed more often than cluster.max_failures allows, or one could not be restarted."""
 
 
+class Unreplaceable(WorkerFailure):
+    """Lost workers could not be replaced within cluster.replace_timeout_s (no room for them)."""
+
+    def __init__(self, message, ranks):
+        super().__init__(message)
+        self.ranks = ranks  # the ranks of the workers that are gone
+
+
 class WorkerGroup:
     """cluster.workers ShardWorker actors, one shard each, placed by one placement group."""
 
-    def __init__(self, source, job, worker_cls=worker.RemoteShardWorker):
+    def __init__(self, source, job, worker_cls=worker.RemoteShardWorker, place_timeout_s=PLACE_TIMEOUT_S):
         c = job.cluster
         self.workers = c.workers
         self.n_train, self.n_test = source.train.count, source.test.count
@@ -41,11 +48,11 @@ class WorkerGroup:
             raise UserError(f"cluster.workers: {c.workers} workers for only {self.n_train} training examples")
         self.bounds = data.shard_bounds(self.n_train, c.workers)  # training rows per rank
         self.test_bounds = data.shard_bounds(self.n_test, c.workers)
-        self.timeout = c.step_timeout_s
+        self.timeout, self.replace_timeout = c.step_timeout_s, c.replace_timeout_s
         self.max_failures, self.failures = c.max_failures, 0  # budget (-1: unlimited) and spent
         self.source, self.dtype, self.worker_cls = source, job.model.dtype, worker_cls
         self.pg = placement_group([{"CPU": c.cpus_per_worker}] * c.workers, strategy=c.placement)
-        ready, _ = ray.wait([self.pg.ready()], timeout=PLACE_TIMEOUT_S)
+        ready, _ = ray.wait([self.pg.ready()], timeout=place_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             raise ClusterError(f"cannot place {c.workers} workers of {c.cpus_per_worker} CPU each "
@@ -118,22 +125,29 @@ class WorkerGroup:
         """Wait until the replaced workers have loaded their shards, starting again any that died
         on the way (placed on a node not yet known dead); refresh their worker_info."""
         t0 = time.perf_counter()
-        deadline = t0 + RESTART_TIMEOUT_S
+        deadline = t0 + self.replace_timeout
         while ranks:
             refs = {rank: self.actors[rank].info.remote() for rank in ranks}
             _, pending = ray.wait(list(refs.values()), num_returns=len(refs),
                                   timeout=max(deadline - time.perf_counter(), 0))
+            if pending:
+                lost = sorted(rank for rank, ref in refs.items() if ref in pending)
+                for rank in lost:
+                    ray.kill(self.actors[rank], no_restart=True)
+                raise Unreplaceable(f"worker(s) {', '.join(map(str, lost))} could not be restarted within "
+                                    f"cluster.replace_timeout_s = {self.replace_timeout:g} s; cluster resources: "
+                                    f"{ray.available_resources()}", lost)
             ranks = []
             for rank, ref in refs.items():
-                if ref in pending:
-                    raise WorkerFailure(f"worker {rank} could not be restarted within {RESTART_TIMEOUT_S} s; "
-                                        f"cluster resources: {ray.available_resources()}")
                 try:
                     self.worker_info[rank] = ray.get(ref)
                 except LOST as e:
-                    if getattr(e, "actor_init_failed", False) or time.perf_counter() > deadline:
-                        raise WorkerFailure(f"worker {rank} could not be restarted: "
-                                            f"{str(e).strip().splitlines()[0]}") from None
+                    why = str(e).strip().splitlines()[0]
+                    if getattr(e, "actor_init_failed", False):
+                        raise WorkerFailure(f"worker {rank} could not be restarted: {why}") from None
+                    if time.perf_counter() > deadline:
+                        raise Unreplaceable(f"worker {rank} could not be restarted within cluster.replace_timeout_s"
+                                            f" = {self.replace_timeout:g} s: {why}", [rank]) from None
                     ranks.append(rank)
             if ranks:
                 time.sleep(RESTART_PAUSE_S)

@@ -28,9 +28,9 @@ from distmlp.group import WorkerGroup
 log = logging.getLogger("distmlp")
 
 
-def start(source, job, worker_cls=worker.RemoteShardWorker):
+def start(source, job, worker_cls=worker.RemoteShardWorker, **placement):
     """Place and start job's workers on the connected Ray; the transport that drives them."""
-    group = WorkerGroup(source, job, worker_cls)
+    group = WorkerGroup(source, job, worker_cls, **placement)
     try:
         choice = job.cluster.transport
         on_one_node = mesh.eligible(group, ray.get_runtime_context().get_node_id())
