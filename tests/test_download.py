@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from distmlp import data, download
+from distmlp import data
+from distmlp.data import download
 from distmlp.cli import app
 
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from distmlp import data, shards
+from distmlp import data
+from distmlp.data import parquet as shards
 from distmlp.cli import app
 
 ROW_GROUP = 500
@@ -70,7 +71,7 @@ def test_test_split_and_split_offsets(converted, sample):
     x, y = data.load_rows(source.test)
     np.testing.assert_array_equal(x, sample[1]["test"][0])
     np.testing.assert_array_equal(y, sample[1]["test"][1])
-    sub = data.Split("parquet", str(converted), "test", 600, 100)  # rows 600..700 straddle a file
+    sub = shards.ParquetSplit(str(converted), "test", 600, 100)  # rows 600..700 straddle a file
     np.testing.assert_array_equal(data.load_rows(sub, 50, 90)[1], sample[1]["test"][1][650:690])
 
 

@@ -53,8 +53,8 @@ def convert(out: Annotated[str, typer.Option("-o", "--out", help="New directory 
 
     Example: distmlp data convert --dataset mnist-sample --shards 4 -o shards/mnist-sample
     """
-    from distmlp import shards as shard_files
-    manifest = shard_files.convert(resolve_source(data_dir, dataset), out, shards, row_group)
+    from distmlp.data import parquet
+    manifest = parquet.convert(resolve_source(data_dir, dataset), out, shards, row_group)
     for name, split in manifest["splits"].items():
         typer.echo(f"{name}: {split['rows']} rows in {len(split['files'])} files")
     typer.echo(f"wrote {out}")
@@ -70,7 +70,7 @@ def download(dataset: Annotated[str, typer.Argument(help="The data set to fetch:
     Mirrors are tried in order; set DISTMLP_MNIST_MIRRORS to use others.
     Example: distmlp data download mnist
     """
-    from distmlp import download as fetch
+    from distmlp.data import download as fetch
     paths = fetch.download(dataset, directory, progress=True, log=lambda line: typer.echo(line, err=True))
     use = f"--dataset {dataset}" if directory is None else f"--data {paths[0].parent}"
     typer.echo(f"{dataset}: {len(paths)} files in {paths[0].parent}; use it with {use}")

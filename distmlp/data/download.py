@@ -16,7 +16,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from distmlp import __version__, data, fsutil
+from distmlp import __version__, fsutil
+from distmlp.data.source import cache_dir
 from distmlp.errors import UserError
 
 MIRRORS = (
@@ -64,7 +65,7 @@ def mirrors():
 
 
 def default_dir(dataset="mnist"):
-    return data.cache_dir() / dataset
+    return cache_dir() / dataset
 
 
 def download(dataset="mnist", directory=None, files=None, mirror_urls=None, progress=False, log=None):

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from distmlp import data, fsutil
-from distmlp.data import DataError
+from distmlp import fsutil
+from distmlp.data.source import DataError, DataSource, check_labels, shard_bounds
 
 FORMAT = "distmlp-shards"
 VERSION = 1
@@ -85,8 +86,7 @@ def convert(source, out, n_shards, row_group=ROW_GROUP):
         manifest = {"format": FORMAT, "version": VERSION, "name": source.name, "splits": {}}
         for name in SPLITS:
             split = getattr(source, name)
-            shape = data.image_shape(split)
-            manifest["image_shape"] = list(shape)
+            manifest["image_shape"] = list(split.image_shape())
             manifest["splits"][name] = _write_split(tmp, name, split, n_shards, row_group)
         fsutil.write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         os.rename(tmp, out)
@@ -105,8 +105,8 @@ def _umask():
 
 def _write_split(directory, name, split, n_shards, row_group):
     files = []
-    for i, (a, b) in enumerate(data.shard_bounds(split.count, n_shards)):
-        x, y = data.load_rows(split, a, b)  # (n, 784), (n,)
+    for i, (a, b) in enumerate(shard_bounds(split.count, n_shards)):
+        x, y = split.read(a, b)  # (n, 784), (n,)
         file_name = f"{name}-{i:05d}-of-{n_shards:05d}.parquet"
         path = directory / file_name
         _write_shard(path, x, y, row_group)
@@ -195,37 +195,55 @@ def source(uri):
     """A DataSource over a shard directory (local path or URI); reads only the manifest."""
     uri = str(uri) if "://" in str(uri) else os.path.abspath(uri)
     m = read_manifest(uri)
-    train, test = (data.Split("parquet", uri, name, 0, m["splits"][name]["rows"]) for name in SPLITS)
-    return data.DataSource(m.get("name") if isinstance(m.get("name"), str) else uri, train, test)
+    train, test = (ParquetSplit(uri, name, 0, m["splits"][name]["rows"]) for name in SPLITS)
+    return DataSource(m.get("name") if isinstance(m.get("name"), str) else uri, train, test)
 
 
-def image_shape(split):
-    return tuple(read_manifest(split.images)["image_shape"])
+@dataclass(frozen=True)
+class ParquetSplit:
+    """Rows [offset, offset + count) of one split of a shard directory."""
 
+    kind = "parquet"  # class attribute, not a field: the format's name
+    uri: str  # the shard directory: a local path or a URI (file://, s3://, gs://, ...)
+    split: str  # "train" or "test"
+    offset: int
+    count: int
 
-def load_rows(split, start, stop):
-    """Rows [start, stop) of a shard split: (uint8 (n, pixels), uint8 (n,)), reading only the
-    files and row groups that hold them."""
-    m = read_manifest(split.images)
-    where = f"{split.images.rstrip('/')}/{MANIFEST}"
-    if split.labels not in SPLITS:
-        raise DataError(f"{where}: no split {split.labels!r}")
-    entry = m["splits"][split.labels]
-    pixels = math.prod(m["image_shape"])
-    lo, hi = split.offset + start, split.offset + stop
-    if not 0 <= lo <= hi <= entry["rows"]:
-        raise DataError(f"{where}: rows [{lo}, {hi}) outside the {entry['rows']} rows of split {split.labels}")
-    fs, base = _filesystem(split.images)
-    xs, ys, first = [np.empty((0, pixels), np.uint8)], [np.empty(0, np.uint8)], 0
-    for f in entry["files"]:
-        a, b = first, first + f["rows"]
-        first = b
-        if a < hi and b > lo:
-            x, y = _read_file(fs, f"{base.rstrip('/')}/{f['name']}", f"{split.images.rstrip('/')}/{f['name']}",
-                              f["rows"], pixels, max(lo, a) - a, min(hi, b) - a)
-            xs.append(x)
-            ys.append(y)
-    return np.concatenate(xs), np.concatenate(ys)
+    @property
+    def where(self):
+        return self.uri
+
+    def image_shape(self):
+        """(rows, cols) of one image, from the manifest."""
+        return tuple(read_manifest(self.uri)["image_shape"])
+
+    def read(self, start, stop):
+        """Rows [start, stop) of the split: (uint8 (n, pixels), uint8 (n,)), reading only the
+        files and row groups that hold them."""
+        m = read_manifest(self.uri)
+        where = f"{self.uri.rstrip('/')}/{MANIFEST}"
+        if self.split not in SPLITS:
+            raise DataError(f"{where}: no split {self.split!r}")
+        entry = m["splits"][self.split]
+        pixels = math.prod(m["image_shape"])
+        lo, hi = self.offset + start, self.offset + stop
+        if not 0 <= lo <= hi <= entry["rows"]:
+            raise DataError(f"{where}: rows [{lo}, {hi}) outside the {entry['rows']} rows of split {self.split}")
+        fs, base = _filesystem(self.uri)
+        xs, ys, first = [np.empty((0, pixels), np.uint8)], [np.empty(0, np.uint8)], 0
+        for f in entry["files"]:
+            a, b = first, first + f["rows"]
+            first = b
+            if a < hi and b > lo:
+                x, y = _read_file(fs, f"{base.rstrip('/')}/{f['name']}", f"{self.uri.rstrip('/')}/{f['name']}",
+                                  f["rows"], pixels, max(lo, a) - a, min(hi, b) - a)
+                xs.append(x)
+                ys.append(y)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def verify(self):
+        """The number of files in the whole shard directory whose sha256 matches the manifest."""
+        return verify(self.uri)
 
 
 def _read_file(fs, path, where, rows, pixels, lo, hi):
@@ -270,7 +288,7 @@ def _to_numpy(table, pixels, where, lo):
     if len(px):
         x = np.frombuffer(px.buffers()[1], np.uint8, len(px) * pixels, px.offset * pixels).reshape(-1, pixels)
     y = labels.to_numpy(zero_copy_only=False)  # (n,)
-    data.check_labels(y, where, lo)
+    check_labels(y, where, lo)
     return x, y
 
 
