@@ -168,7 +168,11 @@ def edit_manifest(copy, edit):
     (lambda m: m["splits"]["train"].update(rows=9000), "file rows add up to 8000, not 9000"),
     (lambda m: m["splits"]["train"]["files"][0].update(name="../../etc/passwd"), "is not a plain file name"),
     (lambda m: m["splits"]["train"]["files"][0].update(rows=True), "needs name, rows, sha256"),
-], ids=["version", "format", "missing split", "image shape", "rows sum", "path escape", "bool rows"])
+    (lambda m: m["splits"]["train"]["files"][0].update(rows=(1 << 32) // 785 + 1),
+     f"file train-00000-of-00003.parquet declares {(1 << 32) // 785 + 1} rows of 784 pixels, more than the "
+     f"{(1 << 32) - 1} bytes distmlp reads from one file"),
+], ids=["version", "format", "missing split", "image shape", "rows sum", "path escape", "bool rows",
+        "rows over the size limit"])
 def test_bad_manifest_names_it(copy, edit, message):
     edit_manifest(copy, edit)
     with pytest.raises(data.DataError, match=f"{copy}/manifest.json: .*{message}"):

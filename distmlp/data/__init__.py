@@ -1,6 +1,6 @@
 """Data sets: resolve a name or a path to a DataSource, load any row range of one of its splits.
 
-    source.py    DataSource, DataError, the label check, shard ranges, the cache
+    source.py    DataSource, DataError, the per-file size limit, the label check, shard ranges, the cache
     idx.py       IDX files (raw or .gz) and IdxSplit, rows of an images/labels pair
     parquet.py   Parquet shard directories (convert, manifest, row-range reads, verify) and ParquetSplit
     download.py  `distmlp data download`: the official files from https mirrors, checksum-verified

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlp.data.source import DataError, DataSource, check_labels
+from distmlp.data.source import MAX_FILE_BYTES, DataError, DataSource, check_labels
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
@@ -99,16 +99,34 @@ def _read_header(f, path, magic):
 
 
 def _check_size(path, header_bytes, payload):
-    """Compare the declared payload with what the file can hold, in Python integers, before reading."""
+    """Compare the declared payload with what the file holds, in Python integers, before reading.
+
+    A raw file must be exactly header + payload bytes. A .gz file can inflate to at most
+    MAX_GZIP_RATIO times its size, and its last 4 bytes (ISIZE) state what it inflates to,
+    modulo 2**32, exactly, as distmlp reads only single-member gzip files below MAX_FILE_BYTES.
+    """
     size = os.path.getsize(path)
-    if str(path).endswith(".gz"):
-        if header_bytes + payload > MAX_GZIP_RATIO * size:
-            raise DataError(f"{path}: header declares {payload} bytes of payload, more than a "
-                            f"{size}-byte gzip file can hold")
-        return
+    gz = str(path).endswith(".gz")
+    if gz and header_bytes + payload > MAX_GZIP_RATIO * size:
+        raise DataError(f"{path}: header declares {payload} bytes of payload, more than a "
+                        f"{size}-byte gzip file can hold")
     actual = size - header_bytes
-    if actual < payload:
+    if not gz and actual < payload:
         raise DataError(f"{path}: payload is short: header declares {payload} bytes, file has {actual}")
+    if header_bytes + payload > MAX_FILE_BYTES:
+        raise DataError(f"{path}: header declares {payload} bytes of payload, more than the "
+                        f"{MAX_FILE_BYTES} bytes distmlp reads from one file")
+    if gz:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+        if isize > MAX_GZIP_RATIO * size:
+            raise DataError(f"{path}: cannot read payload: the gzip size trailer says {isize} bytes, more than "
+                            f"a {size}-byte file can hold (truncated or corrupt)")
+        actual = isize - header_bytes
+        if actual < payload:
+            raise DataError(f"{path}: payload is short: expected {payload} bytes, found {actual} "
+                            "by the gzip size trailer (a single-member gzip file is expected)")
     if actual > payload:
         raise DataError(f"{path}: {actual - payload} trailing bytes after the declared payload")
 

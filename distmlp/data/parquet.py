@@ -10,7 +10,8 @@ repetition/definition levels, so reading 8,000 rows takes ~40 ms instead of ~380
 is smaller; the column's data buffer is the (n, 784) uint8 array, read without a copy.
 Pages carry CRCs, checked on read, so a flipped byte in the
 rows a worker reads is caught without hashing whole files (the manifest's sha256s are checked
-by `verify`).
+by `verify`). Before a page is decoded, a file's footer must agree with the manifest (rows,
+pixel width, row groups, uncompressed sizes), so a small file cannot decode to a large buffer.
 """
 
 import hashlib
@@ -29,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distmlp import fsutil
-from distmlp.data.source import DataError, DataSource, check_labels, shard_bounds
+from distmlp.data.source import MAX_FILE_BYTES, DataError, DataSource, check_labels, shard_bounds
 
 FORMAT = "distmlp-shards"
 VERSION = 1
@@ -38,6 +39,8 @@ SPLITS = ("train", "test")
 ROW_GROUP = 4096  # rows per row group: 3.2 MB of pixels, the unit a reader fetches
 _MAX_MANIFEST = 1 << 20
 _MAX_SIDE = 1 << 12  # image side; keeps a row's pixel count a size pyarrow and numpy accept
+_ROW_EXTRA = 8  # bytes a row may take beyond its pixels once uncompressed: an int32 label, a dictionary index
+_PAGE_EXTRA = 1 << 16  # bytes a row group may take beyond its rows: page headers, the labels' dictionary
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)  # ArrowException covers Arrow's
 # own MemoryError, TypeError, IndexError... raised for a corrupt file; plain Python ones are bugs
 
@@ -186,6 +189,10 @@ def _check_manifest(m, where):
                 raise DataError(f"{where}: split {name}: file entry {f!r} needs name, rows, sha256")
             if "/" in f["name"] or "\\" in f["name"] or f["name"].startswith("."):
                 raise DataError(f"{where}: split {name}: file name {f['name']!r} is not a plain file name")
+            if f["rows"] * (math.prod(shape) + 1) > MAX_FILE_BYTES:
+                raise DataError(f"{where}: split {name}: file {f['name']} declares {f['rows']} rows of "
+                                f"{math.prod(shape)} pixels, more than the {MAX_FILE_BYTES} bytes distmlp reads "
+                                "from one file")
         if sum(f["rows"] for f in files) != entry["rows"]:
             raise DataError(f"{where}: split {name}: file rows add up to {sum(f['rows'] for f in files)}, "
                             f"not {entry['rows']}")
@@ -252,23 +259,36 @@ def _read_file(fs, path, where, rows, pixels, lo, hi):
     with _reading(where):
         with fs.open_input_file(path) as handle:
             pf = pq.ParquetFile(handle, page_checksum_verification=True)
-            _check_schema(pf.schema_arrow, pixels, where)
-            meta = pf.metadata
-            if meta.num_rows != rows:
-                raise DataError(f"{where}: {meta.num_rows} rows, the manifest says {rows}")
+            groups = _checked_row_groups(pf, rows, pixels, where)
             first = 0
-            for i in range(meta.num_row_groups):
-                n = meta.row_group(i).num_rows
+            for i, n in enumerate(groups):
                 if first < hi and first + n > lo:
                     table = pf.read_row_group(i, use_threads=False)
                     if table.num_rows != n:
                         raise DataError(f"{where}: row group {i} holds {table.num_rows} rows, declares {n}")
                     tables.append(table.slice(max(lo - first, 0), min(hi, first + n) - max(lo, first)))
                 first += n
-            if first != rows:
-                raise DataError(f"{where}: row groups hold {first} rows, the file declares {rows}")
         return _to_numpy(pa.concat_tables(tables) if tables else schema(pixels).empty_table(),
                          pixels, where, lo)
+
+
+def _checked_row_groups(pf, rows, pixels, where):
+    """The rows of each row group, once the footer shows that the file holds `rows` rows of `pixels`
+    pixels and decodes to no more than they take: checked before any page is decoded."""
+    _check_schema(pf.schema_arrow, pixels, where)
+    meta = pf.metadata
+    if meta.num_rows != rows:
+        raise DataError(f"{where}: {meta.num_rows} rows, the manifest says {rows}")
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    held = [g.num_rows for g in groups]
+    if sum(held) != rows or min(held, default=0) < 0:
+        raise DataError(f"{where}: row groups hold {sum(held)} rows, the file declares {rows}")
+    for i, g in enumerate(groups):
+        size = sum(g.column(j).total_uncompressed_size for j in range(g.num_columns))
+        if size > g.num_rows * (pixels + _ROW_EXTRA) + _PAGE_EXTRA:
+            raise DataError(f"{where}: row group {i} decodes to {size} bytes, more than {g.num_rows} rows "
+                            f"of {pixels} pixels take")
+    return held
 
 
 def _check_schema(found, pixels, where):

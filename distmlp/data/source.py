@@ -1,4 +1,4 @@
-"""What every data format shares: the DataSource pair, DataError, the label check, shard ranges.
+"""What every data format shares: the DataSource pair, DataError, the size limit, the label check, shard ranges.
 
 A split is a small frozen description (IdxSplit in idx.py, ParquetSplit in parquet.py) with
 `offset`, `count`, `where` (the path its errors name), `image_shape()`, `read(start, stop)` and
@@ -14,6 +14,9 @@ import numpy as np
 from distmlp.errors import UserError
 
 NUM_CLASSES = 10
+# The most bytes one data file (an IDX file, a Parquet shard) may decode to: 4 GiB - 1, the
+# largest size a gzip trailer states exactly (MNIST's 60,000 training images are 47 MB).
+MAX_FILE_BYTES = (1 << 32) - 1
 
 
 class DataError(UserError, ValueError):
