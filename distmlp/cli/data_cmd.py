@@ -65,9 +65,10 @@ def convert(out: Annotated[str, typer.Option("-o", "--out", help="New directory 
 def download(dataset: Annotated[str, typer.Argument(help="The data set to fetch: mnist.")],
              directory: Annotated[Optional[str], typer.Option(
                  "--dir", help="Where to put the files (default: $DISTMLP_DATA/mnist or the user cache).")] = None):
-    """Fetch a data set's official files from public mirrors, md5-verified, written atomically.
+    """Fetch a data set's official files from https mirrors, checked against their published size,
+    md5 and sha256, written atomically.
 
-    Mirrors are tried in order; set DISTMLP_MNIST_MIRRORS to use others.
+    Mirrors are tried in order; set DISTMLP_MNIST_MIRRORS to use others (https only).
     Example: distmlp data download mnist
     """
     from distmlp.data import download as fetch
