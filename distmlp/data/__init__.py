@@ -1,6 +1,6 @@
 """Data sets: resolve a name or a path to a DataSource, load any row range of one of its splits.
 
-    source.py    DataSource, DataError, the per-file size limit, the label check, shard ranges, the cache
+    source.py    DataSource, DataError, the per-file size limit, the label check, shard ranges, digests, cache
     idx.py       IDX files (raw or .gz) and IdxSplit, rows of an images/labels pair
     parquet.py   Parquet shard directories (convert, manifest, row-range reads, verify) and ParquetSplit
     download.py  `distmlp data download`: the official files from https mirrors, checksum-verified
@@ -24,19 +24,13 @@ SAMPLE_TRAIN_ROWS = 8000  # mnist-sample: rows [0, 8000) train, [8000, 10000) he
 DATASETS = ("mnist-sample", "mnist")
 
 
-def _shards(uri):
-    """The DataSource of a Parquet shard directory; pyarrow (~0.5 s to import) loads only for one."""
-    from distmlp.data import parquet
-    return parquet.source(uri)
-
-
 def from_directory(directory, name=None):
-    """Parquet shards if the directory holds a manifest.json, else its four IDX files."""
-    directory = Path(directory)
-    if not directory.is_dir():
+    """Parquet shards if the directory (local or a URI) holds a manifest.json, else its four IDX files."""
+    if "://" in str(directory) or (Path(directory) / "manifest.json").is_file():
+        from distmlp.data import parquet  # pyarrow (~0.5 s to import) loads only for Parquet data
+        return parquet.source(str(directory))
+    if not Path(directory).is_dir():
         raise DataError(f"{directory}: no such data directory")
-    if (directory / "manifest.json").is_file():
-        return _shards(str(directory))
     return idx.source(directory, name or str(directory))
 
 
@@ -50,7 +44,7 @@ def bundled_sample():
 def resolve(dataset=None, path=None):
     """DataSource for a directory / URI (path wins) or a named data set."""
     if path is not None:
-        return _shards(str(path)) if "://" in str(path) else from_directory(path)
+        return from_directory(path)
     if dataset is None:
         raise DataError("no data set given: pass --data DIR or --dataset NAME (mnist-sample, mnist)")
     if dataset == "mnist-sample":

@@ -8,7 +8,6 @@ A mirror that fails in any way is reported and the next one is tried. Mirrors an
 must be https; plain http is allowed only to this machine (127.0.0.1, localhost, ::1).
 """
 
-import hashlib
 import http.client
 import os
 import urllib.error
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distmlp import __version__, fsutil
-from distmlp.data.source import cache_dir
+from distmlp.data.source import cache_dir, digests
 from distmlp.errors import UserError
 
 MIRRORS = (
@@ -151,11 +150,13 @@ def _fetch(url, target, remote, advance):
     """Stream url into a temporary file beside target, check size, md5 and sha256, then rename it into place."""
     def write(tmp):
         with open(tmp, "wb") as out:
-            (md5, sha256), size = _stream(url, out, remote.size, advance)
+            size = _stream(url, out, remote.size, advance)
         if size < remote.size:
             raise _MirrorFailed(f"body ended after {size} of {remote.size} bytes")
         if size > remote.size:
             raise _MirrorFailed(f"body is longer than the expected {remote.size} bytes")
+        with open(tmp, "rb") as f:
+            md5, sha256 = digests(f, ("md5", "sha256"))
         if md5 != remote.md5:
             raise _MirrorFailed(f"md5 {md5} does not match the published {remote.md5}")
         if sha256 != remote.sha256:
@@ -165,9 +166,9 @@ def _fetch(url, target, remote, advance):
 
 
 def _stream(url, out, size, advance):
-    """Copy at most size + 1 bytes of url to out; ((md5 hex, sha256 hex), bytes copied)."""
+    """Copy at most size + 1 bytes of url to out; returns how many were copied."""
     request = urllib.request.Request(url, headers={"User-Agent": f"distmlp/{__version__}"})
-    hashes, got = _hashes(), 0
+    got = 0
     with _OPENER.open(request, timeout=30) as response:
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) != size:
@@ -176,30 +177,17 @@ def _stream(url, out, size, advance):
             block = response.read(min(_BLOCK, size + 1 - got))
             if not block:
                 break
-            _update(hashes, block)
             out.write(block)
             got += len(block)
             advance(len(block))
-    return tuple(h.hexdigest() for h in hashes), got
-
-
-def _hashes():
-    return hashlib.md5(usedforsecurity=False), hashlib.sha256()
-
-
-def _update(hashes, block):
-    for h in hashes:
-        h.update(block)
+    return got
 
 
 def _matches(path, remote):
     if path.stat().st_size != remote.size:
         return False
-    hashes = _hashes()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            _update(hashes, block)
-    return tuple(h.hexdigest() for h in hashes) == (remote.md5, remote.sha256)
+        return digests(f, ("md5", "sha256")) == (remote.md5, remote.sha256)
 
 
 def _progress_bar():

@@ -14,7 +14,6 @@ by `verify`). Before a page is decoded, a file's footer must agree with the mani
 pixel width, row groups, uncompressed sizes), so a small file cannot decode to a large buffer.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from distmlp import fsutil
-from distmlp.data.source import MAX_FILE_BYTES, DataError, DataSource, check_labels, shard_bounds
+from distmlp.data.source import MAX_FILE_BYTES, DataError, DataSource, check_labels, digests, shard_bounds
 
 FORMAT = "distmlp-shards"
 VERSION = 1
@@ -113,7 +112,8 @@ def _write_split(directory, name, split, n_shards, row_group):
         file_name = f"{name}-{i:05d}-of-{n_shards:05d}.parquet"
         path = directory / file_name
         _write_shard(path, x, y, row_group)
-        files.append({"name": file_name, "rows": b - a, "sha256": _sha256(path)})
+        with open(path, "rb") as f:
+            files.append({"name": file_name, "rows": b - a, "sha256": digests(f)[0]})
     return {"rows": split.count, "files": files}
 
 
@@ -126,14 +126,6 @@ def _write_shard(path, x, y, row_group):
                        write_statistics=["label"], write_page_checksum=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------- read
@@ -320,12 +312,10 @@ def verify(uri):
     for entry in m["splits"].values():
         for f in entry["files"]:
             where = f"{uri.rstrip('/')}/{f['name']}"
-            h = hashlib.sha256()
             with _reading(where):
                 with fs.open_input_stream(f"{base.rstrip('/')}/{f['name']}") as stream:
-                    for block in iter(lambda: stream.read(1 << 20), b""):
-                        h.update(block)
-            if h.hexdigest() != f["sha256"]:
-                raise DataError(f"{where}: sha256 {h.hexdigest()} does not match the manifest's {f['sha256']}")
+                    (sha256,) = digests(stream)
+            if sha256 != f["sha256"]:
+                raise DataError(f"{where}: sha256 {sha256} does not match the manifest's {f['sha256']}")
             count += 1
     return count

@@ -1,10 +1,11 @@
-"""What every data format shares: the DataSource pair, DataError, the size limit, the label check, shard ranges.
+"""What every data format shares: DataSource, DataError, the size limit, the label check, shard ranges, digests.
 
 A split is a small frozen description (IdxSplit in idx.py, ParquetSplit in parquet.py) with
 `offset`, `count`, `where` (the path its errors name), `image_shape()`, `read(start, stop)` and
 `verify()`, so a worker actor is sent the description and loads only its own rows.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,15 @@ def shard_bounds(n, k):
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def digests(stream, names=("sha256",)):
+    """Hex digests (hashlib names) of what is left in a binary stream, read 1 MiB at a time."""
+    hashes = [hashlib.new(name, usedforsecurity=name != "md5") for name in names]
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        for h in hashes:
+            h.update(block)
+    return tuple(h.hexdigest() for h in hashes)
 
 
 def cache_dir():
