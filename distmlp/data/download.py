@@ -82,8 +82,8 @@ class _HttpsRedirects(urllib.request.HTTPRedirectHandler):
     """Follows a redirect only to a URL a mirror may have."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if _insecure(newurl):
-            raise _MirrorFailed(f"redirects to {newurl}: {_insecure(newurl)}")
+        if reason := _insecure(newurl):
+            raise _MirrorFailed(f"redirects to {newurl}: {reason}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -106,8 +106,8 @@ def download(dataset="mnist", directory=None, files=None, mirror_urls=None, prog
     files = DATASETS[dataset] if files is None else files
     mirror_urls = mirrors() if mirror_urls is None else tuple(mirror_urls)
     for url in mirror_urls:
-        if _insecure(url):
-            raise DownloadError(f"mirror {url}: {_insecure(url)}; check {MIRRORS_ENV}")
+        if reason := _insecure(url):
+            raise DownloadError(f"mirror {url}: {reason}; check {MIRRORS_ENV}")
     log = log or (lambda message: None)
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -102,8 +102,8 @@ def _check_size(path, header_bytes, payload):
     """Compare the declared payload with what the file holds, in Python integers, before reading.
 
     A raw file must be exactly header + payload bytes. A .gz file can inflate to at most
-    MAX_GZIP_RATIO times its size, and its last 4 bytes (ISIZE) state what it inflates to,
-    modulo 2**32, exactly, as distmlp reads only single-member gzip files below MAX_FILE_BYTES.
+    MAX_GZIP_RATIO times its size, and its last 4 bytes (ISIZE) state what it inflates to modulo
+    2**32: exactly, for the single-member files below MAX_FILE_BYTES that distmlp reads.
     """
     size = os.path.getsize(path)
     gz = str(path).endswith(".gz")
