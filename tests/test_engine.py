@@ -83,7 +83,7 @@ def test_minibatch_indices_go_to_their_owner(ray_session, source):
 
 def test_workers_read_parquet_shards_and_match_idx(ray_session, source, tmp_path):
     """Same rows from Parquet shards (3 files, by file:// URI) as from IDX: bit-identical training."""
-    from distmlp import shards
+    from distmlp.data import parquet as shards
     shards.convert(source, tmp_path / "shards", 3)
     parquet = data.resolve(path=(tmp_path / "shards").as_uri())
     assert parquet.train.kind == "parquet" and parquet.train.count == source.train.count
