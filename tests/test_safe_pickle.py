@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from distmlp import safe_pickle
+from distmlp.checkpoint import safe_pickle
 
 
 class RunsCommand:
@@ -91,7 +91,7 @@ def test_refusal_does_not_fall_back_even_when_caught(tmp_path):
 def test_trust_runs_the_unrestricted_loader_with_a_warning(tmp_path, caplog):
     marker = tmp_path / "ran"
     path = write(tmp_path / "trusted.pkl", RunsCommand(f"touch {marker}"))
-    with caplog.at_level(logging.WARNING, logger="distmlp.safe_pickle"):
+    with caplog.at_level(logging.WARNING, logger="distmlp.checkpoint.safe_pickle"):
         assert safe_pickle.load(path, trust=True) == 0
     assert marker.exists()
     assert "unrestricted pickle loader" in caplog.text

@@ -1,25 +1,17 @@
-"""Checkpoints: Parquet directories saved atomically, verified before use, kept by retention.
-
-One checkpoint is a directory:
+"""The checkpoint format: one directory saved atomically and verified before use.
 
     params.parquet     one row per weight/bias: name, shape, dtype, values (float64, exact for float32)
     optimizer.parquet  same columns: momentum velocities keyed like params (no rows for plain SGD)
     state.json         step, epoch, samples_seen, nonfinite_streak, sampler state, latest metrics
     job.json           the resolved job config
     manifest.json      format name and version, and the SHA-256 of every file above
-
-A run directory keeps them as RUN_DIR/checkpoints/step-000123/, with the text files
-`latest` and `best` (held-out accuracy) naming one of them. Only the driver writes them.
 """
 
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
-import pickle
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -29,10 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distmlp import config, fsutil, mlp, optim, safe_pickle, trainer
+from distmlp import config, fsutil
 from distmlp.errors import UserError
-
-log = logging.getLogger(__name__)
 
 FORMAT = "distmlp-checkpoint"
 FORMAT_VERSION = 1
@@ -45,15 +35,7 @@ ARRAY_SCHEMA = pa.schema([
 ])
 STATE_KEYS = {"step": int, "epoch": (int, float), "samples_seen": int, "nonfinite_streak": int,
               "sampler": (dict, type(None)), "metrics": dict}
-STEP_DIR = re.compile(r"step-(\d+)")
-LEFTOVER_PREFIX = ".tmp-"
-
-SEED_SIZES = (784, 16, 16, 10)
-SEED_KEYS = {  # the seed notebook's pickle keys -> distmlp parameter names
-    "weights_input_to_hidden1": "W1", "biases_hidden1": "b1",
-    "weights_hidden1_to_hidden2": "W2", "biases_hidden2": "b2",
-    "weights_hidden2_to_output": "W3", "biases_output": "b3",
-}
+LEFTOVER_PREFIX = ".tmp-"  # temporary files and directories of a save in progress
 
 
 class CheckpointError(UserError, ValueError):
@@ -72,9 +54,6 @@ class Checkpoint:
     nonfinite_streak: int
     sampler: dict | None  # Sampler.state() of the run, None when unknown (imported weights)
     metrics: dict  # the latest step record
-
-
-# ------------------------------------------------------------------------------ saving
 
 
 def save(path, state, job, sampler_state=None, epoch=0.0):
@@ -171,9 +150,6 @@ def write_atomic(path, data):
     """Write bytes to path via a synced temporary file and a rename."""
     path = Path(path)
     fsutil.atomic_write(path, lambda tmp: fsutil.write_synced(tmp, data), prefix=f"{LEFTOVER_PREFIX}{path.name}-")
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 def load(path):
@@ -312,247 +288,3 @@ def _check_like(path, arrays, shapes, dtype, what):
                                   f"{list(shapes[name])} for {what}")
         if a.dtype.name != dtype:
             raise CheckpointError(f"{path}: {name} is {a.dtype.name}, the job's model.dtype is {dtype}")
-
-
-# ---------------------------------------------------------------------- run directories
-
-
-def checkpoints_dir(run_dir):
-    return Path(run_dir) / "checkpoints"
-
-
-def step_name(step):
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(ckpt_dir):
-    """[(step, path)] of the step-N directories in ckpt_dir, oldest first; leftovers ignored."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = []
-    for entry in ckpt_dir.iterdir():
-        match = STEP_DIR.fullmatch(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
-def save_in_run(run_dir, state, job, sampler_state=None, epoch=0.0, keep_last=3):
-    """Save RUN_DIR/checkpoints/step-N, update `latest` and `best`, prune to keep_last + best."""
-    ckpt_dir = checkpoints_dir(run_dir)
-    path = save(ckpt_dir / step_name(state.step), state, job, sampler_state, epoch)
-    write_atomic(ckpt_dir / "latest", f"{Path(path).name}\n".encode())
-    best = _best(ckpt_dir)
-    if best is not None:
-        write_atomic(ckpt_dir / "best", f"{best.name}\n".encode())
-    _prune(ckpt_dir, keep_last, best)
-    clean_leftovers(ckpt_dir)
-    return path
-
-
-def _accuracy(path):
-    """The held-out accuracy recorded in a checkpoint (unverified: used only for ranking)."""
-    try:
-        value = json.loads((Path(path) / "state.json").read_text())["metrics"].get("test_accuracy")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _best(ckpt_dir):
-    """The checkpoint with the highest held-out accuracy (the newest among ties), or None."""
-    scored = [(acc, step, path) for step, path in list_checkpoints(ckpt_dir)
-              if (acc := _accuracy(path)) is not None]
-    return max(scored)[2] if scored else None
-
-
-def _prune(ckpt_dir, keep_last, best):
-    checkpoints = list_checkpoints(ckpt_dir)
-    keep = {path for _, path in checkpoints[-keep_last:]} | {best}
-    for _, path in checkpoints:
-        if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def clean_leftovers(ckpt_dir):
-    """Remove temporary files and directories a crashed save left behind."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return
-    for entry in ckpt_dir.iterdir():
-        if entry.name.startswith(LEFTOVER_PREFIX):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-
-
-def pointer(run_dir, which="latest"):
-    """The checkpoint path named by RUN_DIR/checkpoints/latest (or best), or None."""
-    ckpt_dir = checkpoints_dir(run_dir)
-    try:
-        name = (ckpt_dir / which).read_text().strip()
-    except FileNotFoundError:
-        return None
-    return str(ckpt_dir / name) if STEP_DIR.fullmatch(name) else None
-
-
-def latest_valid(run_dir):
-    """(path, Checkpoint) of the newest checkpoint that verifies, warning for each one skipped."""
-    checkpoints = list_checkpoints(checkpoints_dir(run_dir))
-    if not checkpoints:
-        raise CheckpointError(f"{run_dir}: no checkpoints (looked in {checkpoints_dir(run_dir)})")
-    failures = []
-    for _, path in reversed(checkpoints):
-        try:
-            ckpt = load(path)
-        except CheckpointError as e:
-            failures.append(str(e))
-            continue
-        for failure in failures:
-            log.warning("%s; falling back to the previous good checkpoint %s", failure, path)
-        return str(path), ckpt
-    raise CheckpointError(f"{run_dir}: no valid checkpoint; newest failure: {failures[0]}")
-
-
-def resolve(path):
-    """(path, Checkpoint) for a checkpoint directory, or a run directory (its newest valid)."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return str(path), load(path)
-    if checkpoints_dir(path).is_dir():
-        return latest_valid(path)
-    raise CheckpointError(f"{path}: neither a checkpoint directory (no manifest.json) "
-                          "nor a run directory (no checkpoints/)")
-
-
-# ------------------------------------------------------------------ the training loop
-
-
-class CheckpointHook:
-    """Saves into RUN_DIR/checkpoints every `every` steps (0: only at the end) and at the end."""
-
-    def __init__(self, run_dir, job, every=None, keep_last=None):
-        self.run_dir = Path(run_dir)
-        self.job = job
-        self.every = job.run.checkpoint_every if every is None else every
-        self.keep_last = job.run.keep_last if keep_last is None else keep_last
-        self.last_path = None  # the newest checkpoint saved
-        self._sampler_state, self._steps_per_epoch, self._saved_step = None, 1, None
-
-    def on_start(self, state, info):
-        self._sampler_state = trainer.make_sampler(self.job, info["n_train"]).state()
-        self._steps_per_epoch = info["steps_per_epoch"]
-        clean_leftovers(checkpoints_dir(self.run_dir))
-
-    def next_stop(self, step):
-        """The next step to save at: the training loop has the weights there (mesh rounds end)."""
-        return (step // self.every + 1) * self.every if self.every > 0 else None
-
-    def on_step(self, state, record):
-        if self.every > 0 and record["step"] % self.every == 0:
-            self._save(state)
-
-    def on_end(self, state, record):
-        if self._saved_step != state.step:
-            self._save(state)
-
-    def _save(self, state):
-        epoch = state.step / self._steps_per_epoch
-        self.last_path = save_in_run(self.run_dir, state, self.job, self._sampler_state, epoch, self.keep_last)
-        self._saved_step = state.step
-
-
-def to_train_state(ckpt):
-    """A TrainState to continue training from (arrays copied)."""
-    return trainer.TrainState(
-        params={n: a.copy() for n, a in ckpt.params.items()},
-        opt_state={n: a.copy() for n, a in ckpt.opt_state.items()},
-        step=ckpt.step, samples_seen=ckpt.samples_seen,
-        nonfinite_streak=ckpt.nonfinite_streak, metrics=dict(ckpt.metrics))
-
-
-def check_sampler(ckpt, sampler):
-    """Refuse to resume when the job would draw different batches than the checkpointed run."""
-    if ckpt.sampler is not None and ckpt.sampler != sampler.state():
-        raise CheckpointError(f"{ckpt.path}: sampler state {ckpt.sampler} does not match this job's "
-                              f"{sampler.state()} (different data, optimizer, batch size or seed)")
-
-
-# --------------------------------------------------------------------- the seed's pickle
-
-
-def to_seed_dict(params):
-    """The seed notebook's dict: its six keys, nested lists of Python floats, weights[out][in]."""
-    sizes = mlp.layer_sizes(params)
-    if sizes != SEED_SIZES:
-        raise CheckpointError(f"the seed pickle format holds only a {'-'.join(map(str, SEED_SIZES))} "
-                              f"model (six keys); this model is {'-'.join(map(str, sizes))}")
-    return {key: params[name].astype(np.float64).tolist() for key, name in SEED_KEYS.items()}
-
-
-def export_seed_pickle(ckpt, path):
-    """Write ckpt's weights as the seed's weights_biases.pkl (atomically)."""
-    payload = pickle.dumps(to_seed_dict(ckpt.params))
-    try:
-        write_atomic(path, payload)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write: {e}") from None
-    return str(path)
-
-
-def from_seed_dict(obj, source, dtype="float64"):
-    """params from a seed-format dict, every key, shape and value checked."""
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{source}: expected the seed's dict of six keys, got {type(obj).__name__}")
-    missing = [k for k in SEED_KEYS if k not in obj]
-    extra = sorted(str(k) for k in obj if k not in SEED_KEYS)
-    if missing or extra:
-        raise CheckpointError(f"{source}: missing keys {missing}, unexpected keys {extra}; "
-                              f"the seed format has exactly {', '.join(SEED_KEYS)}")
-    shapes = expected_shapes(SEED_SIZES)
-    params = {}
-    for key, name in SEED_KEYS.items():
-        try:
-            a = np.asarray(obj[key], dtype=np.float64)
-        except (ValueError, TypeError):
-            raise CheckpointError(f"{source}: {key} is not a rectangular list of numbers") from None
-        if a.shape != shapes[name]:
-            raise CheckpointError(f"{source}: {key} has shape {list(a.shape)}, expected {list(shapes[name])}")
-        if not np.isfinite(a).all():
-            raise CheckpointError(f"{source}: {key} has non-finite values")
-        params[name] = a.astype(dtype)
-    return {name: params[name] for name in mlp.param_names(3)}
-
-
-def import_seed_pickle(path, run_dir, trust=False, job=None):
-    """Turn a seed weights_biases.pkl into a new run directory holding a step-0 checkpoint.
-
-    Returns the checkpoint's path; `evaluate RUN_DIR` and `train --resume RUN_DIR` take it.
-    job defaults to the default job with model.dtype float64 (the seed's Python floats).
-    """
-    job = job or config.replace(config.JobConfig(), model={"dtype": "float64"})
-    if tuple(job.model.sizes) != SEED_SIZES:
-        raise CheckpointError(f"model.sizes {list(job.model.sizes)}: a seed pickle is a "
-                              f"{'-'.join(map(str, SEED_SIZES))} model")
-    if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
-        raise CheckpointError(f"{run_dir}: exists and is not empty; import into a new directory")
-    params = from_seed_dict(safe_pickle.load(path, trust=trust), str(path), job.model.dtype)
-    state = trainer.TrainState(params, optim.init_state(params, job.optimizer.momentum))
-    return save_in_run(run_dir, state, job)
-
-
-# ------------------------------------------------------------------------------ inspect
-
-
-def describe(path):
-    """What `checkpoint inspect` shows: verified or not (and why), step, layers, metrics, config."""
-    try:
-        path, ckpt = resolve(path)
-    except CheckpointError as e:
-        return {"path": str(path), "verified": False, "error": str(e)}
-    return {"path": path, "verified": True, "error": None, "step": ckpt.step, "epoch": ckpt.epoch,
-            "samples_seen": ckpt.samples_seen, "sizes": list(mlp.layer_sizes(ckpt.params)),
-            "dtype": ckpt.job.model.dtype, "optimizer_state": sorted(ckpt.opt_state),
-            "metrics": ckpt.metrics, "config": config.to_dict(ckpt.job)}
