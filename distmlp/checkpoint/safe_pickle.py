@@ -1,10 +1,12 @@
 """Pickle loading that never runs code unless the user explicitly trusts the file.
 
 A pickle names the callables it needs (its "globals"); an ordinary pickle.load imports and
-calls whatever it names, e.g. os.system. The restricted loader resolves only the globals a
-weights file needs: builtin containers and numbers, and NumPy arrays, dtypes and scalars
-(pickled under numpy.core by NumPy 1 and numpy._core by NumPy 2). Anything else is refused
-before it is imported, and a refused load never falls back to an unrestricted one.
+calls whatever it names, e.g. os.system. A weights file needs none: the seed's dict of nested
+lists of floats is built from pickle's own opcodes. So the restricted loader refuses every
+global before it is imported (NumPy's too: a pickled dtype's state can make NumPy read file
+bytes as pointers), then accepts only dicts with str keys, lists, tuples, str, numbers and None,
+nested at most MAX_DEPTH deep and MAX_OBJECTS in all. A refused load never falls back to an
+unrestricted one.
 """
 
 import io
@@ -15,82 +17,96 @@ from distmlp.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_BUILTINS = ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool",
-             "str", "bytes", "bytearray")
-_NUMPY = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy._core.multiarray", "_reconstruct"),  # ndarray, protocols 0-4
-    ("numpy._core.multiarray", "scalar"),  # NumPy scalars (np.float64(1.5))
-    ("numpy._core.numeric", "_frombuffer"),  # ndarray, protocol 5
-}
-ALLOWED = {("builtins", name) for name in _BUILTINS} | _NUMPY | {
-    ("_codecs", "encode"),  # how protocol 2 spells bytes
-}
+MAX_BYTES = 64 * 2 ** 20  # larger files are refused unread (the seed's file is 0.1 MB)
+MAX_DEPTH = 32  # containers inside containers (the seed's dict needs 3)
+MAX_OBJECTS = 2 ** 20  # counted each time reached (the seed's dict holds 13 000): bounds any later walk
+CONTAINERS = {dict, list, tuple}
+SCALARS = {str, int, float, bool, type(None)}
+ALLOWED_TEXT = ("only dicts with str keys, lists, tuples, str and numbers are allowed; "
+                "pass --trust-pickle only if you trust this file")
 
 
 class UnsafePickleError(UserError, pickle.UnpicklingError):
-    """A pickle refers to a global outside the allow-list; nothing of it was imported."""
+    """A pickle refers to a global or holds a type outside the allow-list; nothing was run."""
 
 
 class PickleFileError(UserError, ValueError):
-    """A pickle file is missing, truncated or not a pickle."""
-
-
-def _canonical(module):
-    """One spelling per module: numpy.core.* (NumPy 1) is numpy._core.*, __builtin__ is builtins."""
-    if module == "__builtin__":  # protocols 0-2 use the Python 2 name
-        return "builtins"
-    if module == "numpy.core" or module.startswith("numpy.core."):
-        return "numpy._core" + module[len("numpy.core"):]
-    return module
+    """A pickle file is missing, too large, truncated or not a pickle."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler whose find_class resolves only ALLOWED globals."""
+    """An Unpickler that resolves no global: only pickle's own opcodes build objects."""
 
     def __init__(self, file, source):
         super().__init__(file)
         self.source = source
 
     def find_class(self, module, name):
-        key = (_canonical(module), name)
-        if key not in ALLOWED:
-            raise UnsafePickleError(f"{self.source}: refused to load: forbidden global {module}.{name} "
-                                    "(only containers, numbers and NumPy arrays are allowed; "
-                                    "pass --trust-pickle only if you trust this file)")
-        if key[0].startswith("numpy._core"):
-            return _numpy_core_attr(*key)
-        return super().find_class(*key)
+        raise UnsafePickleError(f"{self.source}: refused to load: forbidden global {module}.{name} "
+                                f"({ALLOWED_TEXT})")
 
 
-def _numpy_core_attr(module, name):
-    """The numpy._core attribute without importing the deprecated numpy.core alias."""
-    import importlib
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError:  # NumPy 1: only numpy.core exists
-        return getattr(importlib.import_module("numpy.core" + module[len("numpy._core"):]), name)
+def check_types(obj, source):
+    """Refuse obj unless it is CONTAINERS and SCALARS only, within MAX_DEPTH and MAX_OBJECTS.
+
+    Walks every path (a list reached twice is walked twice), so a cycle fails the depth
+    limit and a list of shared lists doubling at each level fails the object limit.
+    """
+    _check_type(obj, source)
+    stack, count = [(obj, 0)], 1
+    while stack:
+        node, depth = stack.pop()
+        if depth == MAX_DEPTH:
+            raise UnsafePickleError(f"{source}: refused to load: nested too deeply (over {MAX_DEPTH} levels)")
+        if type(node) is dict:
+            for key in node:
+                if type(key) is not str:
+                    raise UnsafePickleError(f"{source}: refused to load: holds a dict key of type "
+                                            f"{type(key).__name__} ({ALLOWED_TEXT})")
+            node = node.values()
+        count += len(node)
+        if count > MAX_OBJECTS:
+            raise UnsafePickleError(f"{source}: refused to load: more than {MAX_OBJECTS} objects")
+        for child in node:
+            if type(child) in CONTAINERS:
+                stack.append((child, depth + 1))
+            elif type(child) not in SCALARS:
+                _check_type(child, source)
+    return obj
+
+
+def _check_type(obj, source):
+    if type(obj) not in CONTAINERS and type(obj) not in SCALARS:
+        raise UnsafePickleError(f"{source}: refused to load: holds a {type(obj).__name__} ({ALLOWED_TEXT})")
 
 
 def loads(payload, source="<bytes>"):
     """Restricted load of a pickle held in memory."""
     try:
-        return RestrictedUnpickler(io.BytesIO(payload), source).load()
+        return check_types(RestrictedUnpickler(io.BytesIO(payload), source).load(), source)
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise PickleFileError(f"{source}: not a readable pickle: {e}") from None
+    except (MemoryError, RecursionError) as e:
+        raise PickleFileError(f"{source}: not a readable pickle: too large or deep to load "
+                              f"({type(e).__name__})") from None
 
 
 def load(path, trust=False):
-    """Load a pickle file: restricted unless trust=True (which runs whatever the file says)."""
+    """Load a pickle file of at most MAX_BYTES: restricted unless trust=True (which runs
+    whatever the file says)."""
     try:
         with open(path, "rb") as f:
-            payload = f.read()
+            payload = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise PickleFileError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise PickleFileError(f"{path}: is a directory, expected a pickle file") from None
+    except OSError as e:
+        raise PickleFileError(f"{path}: cannot read: {e.strerror}") from None
+    if len(payload) > MAX_BYTES:
+        raise PickleFileError(f"{path}: larger than {MAX_BYTES // 2 ** 20} MiB; a weights file is far smaller")
     if not trust:
         return loads(payload, str(path))
     log.warning("%s: loading with the unrestricted pickle loader (--trust-pickle): "
@@ -99,4 +115,3 @@ def load(path, trust=False):
         return pickle.loads(payload)
     except Exception as e:
         raise PickleFileError(f"{path}: not a readable pickle: {e}") from None
-
