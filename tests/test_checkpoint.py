@@ -5,6 +5,9 @@ import json
 import logging
 import os
 import pickle
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +183,28 @@ def test_schema_shapes_and_dtypes_are_checked_after_the_checksums(tmp_path):
         with pytest.raises(CheckpointError, match=message) as e:
             checkpoint.load(path)
         assert str(path / "params.parquet") in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_tiny_parquet_that_decodes_to_megabytes_is_refused_from_its_metadata(tmp_path):
+    """A re-signed params.parquet of a few KB holding 8M run-length encoded zeros (64 MB as
+    float64): load, in a subprocess, refuses it before Arrow allocates 8 MB (it was 100 MB)."""
+    job = small_job()
+    path = Path(checkpoint.save(tmp_path / "ck", trainer.initial_state(job), job))
+    bomb = params_table({"W1": np.zeros(8_000_000)}, dtype=["float32"])
+    assert len(bomb) < 4096
+    resign(path, "params.parquet", bomb)
+    script = ("import sys\nimport pyarrow as pa\nfrom distmlp import checkpoint\n"
+              "try:\n    checkpoint.load(sys.argv[1])\nexcept checkpoint.CheckpointError as e:\n    print(e)\n"
+              "print(pa.default_memory_pool().max_memory())\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    error, arrow_peak = proc.stdout.splitlines()
+    sizes = job.model.sizes
+    allowed = 4 * (sum(n_in * n_out + n_out for n_in, n_out in zip(sizes, sizes[1:])) + 5 * 6)
+    assert re.fullmatch(rf"{re.escape(str(path / 'params.parquet'))}: 1 rows of 8000003 values \(\d+ bytes "
+                        rf"uncompressed\); the job's model.sizes allow at most 24 rows of {allowed} values.*", error)
+    assert int(arrow_peak) < 8 * 2 ** 20
 
 
 def test_state_job_and_manifest_contents_are_checked(tmp_path, momentum_job):

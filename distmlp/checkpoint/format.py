@@ -161,9 +161,10 @@ def load(path):
     state = _parse_json(path / "state.json", raw["state.json"])
     _check_state(path / "state.json", state)
     job = _parse_job(path / "job.json", raw["job.json"])
-    params = _read_arrays(path / "params.parquet", raw["params.parquet"])
+    shapes = expected_shapes(job.model.sizes)
+    params = _read_arrays(path / "params.parquet", raw["params.parquet"], shapes)
     _check_params(path / "params.parquet", params, job)
-    opt_state = _read_arrays(path / "optimizer.parquet", raw["optimizer.parquet"])
+    opt_state = _read_arrays(path / "optimizer.parquet", raw["optimizer.parquet"], shapes)
     _check_opt_state(path / "optimizer.parquet", opt_state, params, job)
     return Checkpoint(str(path), job, params, opt_state, state["step"], state["epoch"],
                       state["samples_seen"], state["nonfinite_streak"], state["sampler"], state["metrics"])
@@ -227,9 +228,11 @@ def _parse_job(path, data):
         raise CheckpointError(message.replace("\r", "\\r").replace("\n", "\\n")) from None  # keys may hold newlines
 
 
-def _read_arrays(path, data):
-    """{name: array} from a verified Parquet file, its schema checked first."""
+def _read_arrays(path, data, shapes):
+    """{name: array} from a verified Parquet file of at most the arrays in shapes: its size
+    (from the metadata, before anything is decoded) and its schema checked first."""
     try:
+        _check_parquet_size(path, pq.ParquetFile(pa.BufferReader(data)).metadata, shapes)
         table = pq.read_table(pa.BufferReader(data), use_threads=False)  # threads: abort at exit (pyarrow 26)
     except (pa.ArrowException, OSError) as e:
         raise CheckpointError(f"{path}: not a readable Parquet file: {' '.join(str(e).split())}") from None
@@ -256,6 +259,23 @@ def _read_arrays(path, data):
             raise CheckpointError(f"{path}: {name} has non-finite or missing values")
         arrays[name] = values.reshape(shape).astype(dtype)
     return arrays
+
+
+def _check_parquet_size(path, metadata, shapes):
+    """Refuse metadata claiming far more rows, values or bytes than shapes hold, before
+    decoding: a few KB of Parquet (one value run-length encoded) can decode to gigabytes.
+    Up to 4x passes, so a near miss (another hidden width) gets the exact shape error later."""
+    rows, values = len(shapes), sum(math.prod(shape) for shape in shapes.values())
+    most_values = 4 * (values + 5 * rows)  # values + a slot per empty list, 1-2 per shape, name, dtype
+    most_bytes = 16 * most_values + 2 ** 16  # plain float64 values, levels and page headers
+    chunks = [metadata.row_group(i).column(j)
+              for i in range(metadata.num_row_groups) for j in range(metadata.num_columns)]
+    found_values = sum(chunk.num_values for chunk in chunks)
+    found_bytes = sum(chunk.total_uncompressed_size for chunk in chunks)
+    if metadata.num_rows > 4 * rows or found_values > most_values or found_bytes > most_bytes:
+        raise CheckpointError(f"{path}: {metadata.num_rows} rows of {found_values} values "
+                              f"({found_bytes} bytes uncompressed); the job's model.sizes allow at most "
+                              f"{4 * rows} rows of {most_values} values ({most_bytes} bytes)")
 
 
 def expected_shapes(sizes):
