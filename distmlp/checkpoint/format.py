@@ -36,6 +36,7 @@ ARRAY_SCHEMA = pa.schema([
 STATE_KEYS = {"step": int, "epoch": (int, float), "samples_seen": int, "nonfinite_streak": int,
               "sampler": (dict, type(None)), "metrics": dict}
 LEFTOVER_PREFIX = ".tmp-"  # temporary files and directories of a save in progress
+ASIDE_PREFIX = ".old-"  # a checkpoint moved aside while save replaces it
 
 
 class CheckpointError(UserError, ValueError):
@@ -129,21 +130,22 @@ def _json_scalar(value):
 
 
 def _rename_into_place(tmp, path):
-    """Rename tmp to path; an existing path is moved aside first and removed after."""
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{LEFTOVER_PREFIX}old-{path.name}-", dir=path.parent))
-        os.rename(path, old / path.name)
+    """Rename tmp to path. An existing path is first renamed aside to ASIDE_PREFIX + its name:
+    if a crash comes before tmp takes its place, readers list the aside copy and the run
+    directory's cleanup restores it; it is removed once tmp is in place."""
+    aside = path.with_name(ASIDE_PREFIX + path.name)
+    replacing = path.exists()
+    if replacing:
+        shutil.rmtree(aside, ignore_errors=True)  # left by an earlier crash; path is newer
+        os.rename(path, aside)
     try:
         os.rename(tmp, path)
     except OSError:
-        if old is not None:
-            os.rename(old / path.name, path)
-            shutil.rmtree(old, ignore_errors=True)
+        if replacing:
+            os.rename(aside, path)
         raise
     fsutil.fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_atomic(path, data):
@@ -202,7 +204,7 @@ def _verified_files(path):
 def _parse_json(path, data):
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # undecodable bytes, bad syntax, an int past Python's digit limit
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
     except RecursionError:
         raise CheckpointError(f"{path}: not valid JSON: nested too deeply") from None

@@ -6,12 +6,14 @@ valid one, and the training-loop hook that saves them. Only the driver writes th
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from pathlib import Path
 
 from distmlp import config, mlp, trainer
-from distmlp.checkpoint.format import LEFTOVER_PREFIX, CheckpointError, load, save, write_atomic
+from distmlp.checkpoint.format import (
+    ASIDE_PREFIX, LEFTOVER_PREFIX, CheckpointError, load, save, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +29,16 @@ def step_name(step):
 
 
 def list_checkpoints(ckpt_dir):
-    """[(step, path)] of the step-N directories in ckpt_dir, oldest first; leftovers ignored."""
+    """[(step, path)] of the step-N directories in ckpt_dir, oldest first, and of those moved
+    aside by a replacement that crashed (step-N missing); other leftovers ignored."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     found = []
     for entry in ckpt_dir.iterdir():
-        match = STEP_DIR.fullmatch(entry.name)
-        if match and entry.is_dir():
+        name = entry.name.removeprefix(ASIDE_PREFIX)
+        match = STEP_DIR.fullmatch(name)
+        if match and entry.is_dir() and (name == entry.name or not (ckpt_dir / name).exists()):
             found.append((int(match.group(1)), entry))
     return sorted(found)
 
@@ -77,12 +81,15 @@ def _prune(ckpt_dir, keep_last, best):
 
 
 def clean_leftovers(ckpt_dir):
-    """Remove temporary files and directories a crashed save left behind."""
+    """Remove what a crashed save left behind; a checkpoint it had moved aside is restored."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return
-    for entry in ckpt_dir.iterdir():
-        if entry.name.startswith(LEFTOVER_PREFIX):
+    for entry in list(ckpt_dir.iterdir()):
+        original = ckpt_dir / entry.name.removeprefix(ASIDE_PREFIX)
+        if entry.name.startswith(ASIDE_PREFIX) and not original.exists():
+            os.rename(entry, original)
+        elif entry.name.startswith((ASIDE_PREFIX, LEFTOVER_PREFIX)):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
