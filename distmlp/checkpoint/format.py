@@ -61,7 +61,8 @@ def save(path, state, job, sampler_state=None, epoch=0.0):
     """Write TrainState as a checkpoint directory at path, atomically; returns the path.
 
     Files go to a temporary sibling directory, are fsynced, and the directory is renamed
-    into place (an existing checkpoint at path is replaced); a crash leaves the old or the new.
+    into place (an existing checkpoint at path is replaced); a crash leaves the old or the new
+    (the old one possibly aside, see _rename_into_place).
     """
     path = Path(path)
     _check_finite(state)
@@ -165,7 +166,7 @@ def load(path):
     job = _parse_job(path / "job.json", raw["job.json"])
     shapes = expected_shapes(job.model.sizes)
     params = _read_arrays(path / "params.parquet", raw["params.parquet"], shapes)
-    _check_params(path / "params.parquet", params, job)
+    _check_like(path / "params.parquet", params, shapes, job.model.dtype, f"model.sizes {list(job.model.sizes)}")
     opt_state = _read_arrays(path / "optimizer.parquet", raw["optimizer.parquet"], shapes)
     _check_opt_state(path / "optimizer.parquet", opt_state, params, job)
     return Checkpoint(str(path), job, params, opt_state, state["step"], state["epoch"],
@@ -265,19 +266,19 @@ def _read_arrays(path, data, shapes):
 
 def _check_parquet_size(path, metadata, shapes):
     """Refuse metadata claiming far more rows, values or bytes than shapes hold, before
-    decoding: a few KB of Parquet (one value run-length encoded) can decode to gigabytes.
-    Up to 4x passes, so a near miss (another hidden width) gets the exact shape error later."""
+    decoding: a few KB of Parquet (one value run-length encoded) can decode to gigabytes."""
     rows, values = len(shapes), sum(math.prod(shape) for shape in shapes.values())
-    most_values = 4 * (values + 5 * rows)  # values + a slot per empty list, 1-2 per shape, name, dtype
+    most_rows = 4 * rows  # 4x: a near miss (another hidden width) gets the exact shape error later
+    most_values = 4 * (values + 5 * rows)  # + a slot per empty list, 1-2 per shape, name, dtype
     most_bytes = 16 * most_values + 2 ** 16  # plain float64 values, levels and page headers
     chunks = [metadata.row_group(i).column(j)
               for i in range(metadata.num_row_groups) for j in range(metadata.num_columns)]
     found_values = sum(chunk.num_values for chunk in chunks)
     found_bytes = sum(chunk.total_uncompressed_size for chunk in chunks)
-    if metadata.num_rows > 4 * rows or found_values > most_values or found_bytes > most_bytes:
+    if metadata.num_rows > most_rows or found_values > most_values or found_bytes > most_bytes:
         raise CheckpointError(f"{path}: {metadata.num_rows} rows of {found_values} values "
                               f"({found_bytes} bytes uncompressed); the job's model.sizes allow at most "
-                              f"{4 * rows} rows of {most_values} values ({most_bytes} bytes)")
+                              f"{most_rows} rows of {most_values} values ({most_bytes} bytes)")
 
 
 def expected_shapes(sizes):
@@ -286,11 +287,6 @@ def expected_shapes(sizes):
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
         shapes[f"W{i}"], shapes[f"b{i}"] = (fan_out, fan_in), (fan_out,)
     return shapes
-
-
-def _check_params(path, params, job):
-    _check_like(path, params, expected_shapes(job.model.sizes), job.model.dtype,
-                f"model.sizes {list(job.model.sizes)}")
 
 
 def _check_opt_state(path, opt_state, params, job):

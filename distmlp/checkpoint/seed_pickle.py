@@ -55,7 +55,7 @@ def from_seed_dict(obj, source, dtype="float64"):
     for key, name in SEED_KEYS.items():
         try:
             a = np.asarray(obj[key], dtype=np.float64)
-        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError):  # ints past float range; anything --trust-pickle let in
+        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError):  # e.g. ints past float range
             raise CheckpointError(f"{source}: {key} is not a rectangular list of numbers") from None
         if a.shape != shapes[name]:
             raise CheckpointError(f"{source}: {key} has shape {list(a.shape)}, expected {list(shapes[name])}")
