@@ -77,13 +77,14 @@ def variants(marker):
     found |= {  # native opcodes: no global to refuse, the loaded types are checked instead
         "bytes-native": (pickle.dumps({SEED_KEY: b"A" * 8}, protocol=3), "holds a bytes"),
         "bytearray-native": (pickle.dumps({SEED_KEY: bytearray(8)}, protocol=5), "holds a bytearray"),
+        "bytearray8-bomb": (b"\x80\x05\x96" + (2 ** 40).to_bytes(8, "little") + b".", "holds a bytearray"),
         "set-native": (pickle.dumps({SEED_KEY: {1.0}}, protocol=4), "holds a set"),
         "frozenset-native": (pickle.dumps({SEED_KEY: frozenset([1.0])}, protocol=4), "holds a frozenset"),
         "int-key": (pickle.dumps({1: [1.0]}, protocol=2), "holds a dict key of type int"),
         "deep-nesting": (nested(200_000), "nested too deeply"),
         "cycle": (pickle.dumps({SEED_KEY: cycle()}, protocol=2), "nested too deeply"),
         "shared-tuples-bomb": (shared_tuples(25), "more than"),
-        "memo-bomb": (b"\x80\x02]r\xff\xff\xff\x7f.", "too large or deep to load (MemoryError)"),
+        "memo-bomb": (b"\x80\x02]r\xff\xff\xff\x7f.", "expected the seed's dict of six keys, got list"),
         "huge-file": (b"\x80\x02N" + b" " * MAX_BYTES, "larger than 64 MiB"),
     }
     return found

@@ -34,8 +34,12 @@ class PickleFileError(UserError, ValueError):
     """A pickle file is missing, too large, truncated or not a pickle."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler that resolves no global: only pickle's own opcodes build objects."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """An Unpickler that resolves no global: only pickle's own opcodes build objects.
+
+    The pure-Python Unpickler: its memo is a dict, where the C one allocates an array as long
+    as the largest index the file names (a 9-byte file naming 2**31 asks for 16 GB).
+    """
 
     def __init__(self, file, source):
         super().__init__(file)
@@ -44,6 +48,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         raise UnsafePickleError(f"{self.source}: refused to load: forbidden global {module}.{name} "
                                 f"({ALLOWED_TEXT})")
+
+    def _refuse_bytearray(self):
+        raise UnsafePickleError(f"{self.source}: refused to load: holds a bytearray ({ALLOWED_TEXT})")
+
+    # BYTEARRAY8 allocates the length the file names before reading a byte of it
+    dispatch = pickle._Unpickler.dispatch | {pickle.BYTEARRAY8[0]: _refuse_bytearray}
 
 
 def check_types(obj, source):
@@ -86,11 +96,10 @@ def loads(payload, source="<bytes>"):
         return check_types(RestrictedUnpickler(io.BytesIO(payload), source).load(), source)
     except UnsafePickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise PickleFileError(f"{source}: not a readable pickle: {e}") from None
-    except (MemoryError, RecursionError) as e:
-        raise PickleFileError(f"{source}: not a readable pickle: too large or deep to load "
-                              f"({type(e).__name__})") from None
+    except KeyError as e:  # the loader's opcode table
+        raise PickleFileError(f"{source}: not a readable pickle: unknown opcode {e}") from None
+    except Exception as e:  # whatever bad opcodes make the loader raise, MemoryError included
+        raise PickleFileError(f"{source}: not a readable pickle: {_one_line(e)}") from None
 
 
 def load(path, trust=False):
@@ -114,4 +123,8 @@ def load(path, trust=False):
     try:
         return pickle.loads(payload)
     except Exception as e:
-        raise PickleFileError(f"{path}: not a readable pickle: {e}") from None
+        raise PickleFileError(f"{path}: not a readable pickle: {_one_line(e)}") from None
+
+
+def _one_line(error):
+    return " ".join(str(error).split()) or type(error).__name__
