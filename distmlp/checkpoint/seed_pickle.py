@@ -55,7 +55,9 @@ def from_seed_dict(obj, source, dtype="float64"):
     for key, name in SEED_KEYS.items():
         try:
             a = np.asarray(obj[key], dtype=np.float64)
-        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError):  # e.g. ints past float range
+        except OverflowError:
+            raise CheckpointError(f"{source}: {key} holds an int past float64's range") from None
+        except (ValueError, TypeError, RecursionError, MemoryError):  # the last two: --trust-pickle objects
             raise CheckpointError(f"{source}: {key} is not a rectangular list of numbers") from None
         if a.shape != shapes[name]:
             raise CheckpointError(f"{source}: {key} has shape {list(a.shape)}, expected {list(shapes[name])}")
