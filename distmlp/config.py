@@ -84,7 +84,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    workers: int = 2  # worker actors, one shard each
+    workers: int = 2  # worker actors, one shard each; 0: train in this process, without Ray
     address: str | None = None  # None: embedded local Ray; "auto" or an address: join it
     placement: str = "SPREAD"  # placement-group strategy for the workers
     cpus_per_worker: float = 1.0  # CPUs each worker actor reserves
@@ -227,7 +227,7 @@ def validate(job):
     _require(r.seed >= 0, "run.seed", "must be >= 0", r.seed)
     _require(r.on_nonfinite in NONFINITE_POLICIES, "run.on_nonfinite",
              f"allowed: {', '.join(NONFINITE_POLICIES)}", r.on_nonfinite)
-    _require(c.workers >= 1, "cluster.workers", "must be >= 1", c.workers)
+    _require(c.workers >= 0, "cluster.workers", "must be >= 0 (0: in this process, no Ray workers)", c.workers)
     _require(c.placement in PLACEMENTS, "cluster.placement", f"allowed: {', '.join(PLACEMENTS)}", c.placement)
     _require(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0", c.cpus_per_worker)
     _require(c.max_failures >= -1, "cluster.max_failures", "must be >= -1 (-1: unlimited)", c.max_failures)

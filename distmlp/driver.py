@@ -17,6 +17,7 @@ import numpy as np
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from threadpoolctl import ThreadpoolController
 
 from distmlp import data, fastpath, mesh, optim, trainer
 from distmlp.connect import ClusterError, connect  # noqa: F401  (ClusterError: part of this module's face)
@@ -327,11 +328,13 @@ def default_run_dir(job):
     return os.path.join("runs", f"{stamp}-{job.run.name}")
 
 
-def run_job(job, resume=None, json_mode=False, echo=print, address=None):
+def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=()):
     """Train job on Ray (embedded, or the cluster at cluster.address); returns the summary dict.
 
     resume: a run directory; training continues from its newest valid checkpoint with the
     job saved there. Nothing is written until the data set resolved and the workers started.
+    cluster.workers = 0 trains in this process (trainer.LocalBackend, one BLAS thread like a
+    worker), without Ray. hooks: more training-loop hooks, run after the run's own.
     """
     from distmlp import checkpoint, config, metrics
 
@@ -354,19 +357,25 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None):
         checkpoint.check_sampler(ckpt, sampler)  # the data set must still give the same batches
     if job.optimizer.name == "sgd" and job.cluster.workers > 1:
         echo("note: sgd updates after every example, so more workers add no speed (only shards the data)")
-    started = connect(job.cluster.address)
-    backend = None
+    in_process = job.cluster.workers == 0
+    started = False if in_process else connect(job.cluster.address)
+    backend = blas = None
     try:
-        backend = RayBackend(source, job)
-        nodes = len(backend.nodes())
-        echo(f"{job.cluster.workers} workers on {nodes} node(s) | {job.optimizer.name} "
+        if in_process:  # one BLAS thread: the bits do not depend on this machine's core count
+            blas = ThreadpoolController().limit(limits=1, user_api="blas")
+            backend = trainer.LocalBackend(source, job.model.dtype)
+            where = "in this process"
+        else:
+            backend = RayBackend(source, job)
+            where = f"{job.cluster.workers} workers on {len(backend.nodes())} node(s)"
+        echo(f"{where} | {job.optimizer.name} "
              f"lr {job.optimizer.learning_rate} | {source.name}: {backend.n_train} train, {backend.n_test} held out")
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "job.toml"), "w") as f:
             f.write(config.to_toml(job))
         ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
         hooks = [metrics.Progress(job.run.log_every, quiet=json_mode, echo=echo),
-                 metrics.MetricsWriter(run_dir), ckpt_hook]
+                 metrics.MetricsWriter(run_dir), ckpt_hook, *hooks]
         try:
             state = trainer.train(job, backend, state, hooks)
         except (WorkerFailure, trainer.DivergenceError) as e:
@@ -374,6 +383,8 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None):
     finally:
         if backend is not None:
             backend.close()
+        if blas is not None:
+            blas.restore_original_limits()
         if started:
             ray.shutdown()
     m = state.metrics

@@ -48,7 +48,7 @@ BAD_OVERRIDES = [
     ("run.keep_last=0", ["run.keep_last", ">= 1"]),
     ("run.on_nonfinite=ignore", ["run.on_nonfinite", "stop, skip"]),
     ("run.run_dir=3", ["run.run_dir", "expected str"]),
-    ("cluster.workers=0", ["cluster.workers", ">= 1"]),
+    ("cluster.workers=-1", ["cluster.workers", ">= 0"]),
     ("cluster.workers=1.5", ["cluster.workers", "expected int"]),
     ("cluster.address=5", ["cluster.address", "expected str"]),
     ("cluster.placement=RANDOM", ["cluster.placement", "SPREAD, PACK, STRICT_SPREAD, STRICT_PACK"]),
@@ -96,7 +96,7 @@ BAD_FILES = [
     ("optimizer = 3\n", ["optimizer must be a table"]),
     ("[optimizer]\nlr = \n", ["not valid TOML"]),
     ("[run]\nsteps = 10\nsteps = 20\n", ["not valid TOML"]),
-    ("[cluster]\nworkers = 0\n", ["cluster.workers", ">= 1"]),
+    ("[cluster]\nworkers = -1\n", ["cluster.workers", ">= 0"]),
     ("[optimizer]\nname = \"adagrad\"\n", ["optimizer.name", "sgd, minibatch, gd"]),
 ]
 
@@ -167,7 +167,7 @@ def test_configs_are_frozen():
 def test_replace_validates():
     job = config.load_job()
     assert config.replace(job, run={"steps": 10}).run.steps == 10
-    assert "cluster.workers" in one_line_error(lambda: config.replace(job, cluster={"workers": 0}))
+    assert "cluster.workers" in one_line_error(lambda: config.replace(job, cluster={"workers": -1}))
 
 
 # ------------------------------------------------------------------ TOML round trip
@@ -213,7 +213,7 @@ def test_to_toml_round_trips_through_a_file(tmp_path):
 BAD_TRAIN_ARGS = [  # each must fail before Ray starts or anything is written
     (["--set", "optimizer.lr=-1"], "optimizer.lr"),
     (["--lr=-0.5"], "optimizer.lr"),
-    (["--workers", "0"], "cluster.workers"),
+    (["--workers", "-1"], "cluster.workers"),
     (["--optimizer", "adam"], "optimizer.name"),
     (["--epochs", "0"], "run.epochs"),
     (["--set", "bogus.key=1"], "[bogus]"),

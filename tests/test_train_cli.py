@@ -61,7 +61,7 @@ def test_quickstart_trains_to_90_percent(tmp_path):
     (["--dataset", "nope"], "unknown data set 'nope'"),
     (["--data", "/nonexistent/dir"], "/nonexistent/dir: no such data directory"),
     (["--batch-size", "9000"], "optimizer.batch_size: 9000 is larger than the 8000 training examples"),
-    (["--workers", "0"], "cluster.workers"),
+    (["--workers", "-1"], "cluster.workers"),
     (["--set", "optimizer.lr"], "expected section.key=value"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
