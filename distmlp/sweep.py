@@ -16,6 +16,7 @@ SWEEP_DIR/best.toml (the best completed trial's job) and SWEEP_DIR/sweep.json (t
 """
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -24,11 +25,12 @@ import time
 import tomllib
 from dataclasses import dataclass
 
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from distmlp import config, data, trainer
+from distmlp import checkpoint, config, data, trainer
 from distmlp.errors import UserError
 
 SPACES = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -183,8 +185,7 @@ class ReportToTune(trainer.Hook):
     """Reports every evaluation but the last to Tune (the trial reports the last one after the
     run has finished); the checkpoint at that step is already saved when it reports."""
 
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
+    def __init__(self):
         self.steps = None
 
     def on_start(self, state, info):
@@ -192,10 +193,11 @@ class ReportToTune(trainer.Hook):
 
     def on_step(self, state, record):
         if "test_accuracy" in record and record["step"] < self.steps:
-            tune.report(report(record, self.steps))
+            tune.report(tune_metrics(record, self.steps))
 
 
-def report(record, steps):
+def tune_metrics(record, steps):
+    """What a trial reports at an evaluation (Tune adds training_iteration: the evaluations so far)."""
     return {"step": record["step"], "steps": steps, "test_accuracy": record["test_accuracy"],
             "test_loss": record["test_loss"]}
 
@@ -205,8 +207,8 @@ def run_trial(values, base, sweep_dir, workers):
     from distmlp import driver
     run_dir = os.path.join(sweep_dir, "trials", tune.get_context().get_trial_id())
     job = trial_job(base, values, workers, run_dir)
-    summary = driver.run_job(job, json_mode=True, echo=lambda line: None, hooks=[ReportToTune(run_dir)])
-    tune.report(report({**summary, "step": summary["steps"]}, summary["steps"]))
+    summary = driver.run_job(job, json_mode=True, echo=lambda line: None, hooks=[ReportToTune()])
+    tune.report(tune_metrics({**summary, "step": summary["steps"]}, summary["steps"]))
 
 
 def default_sweep_dir(job):
@@ -216,8 +218,6 @@ def default_sweep_dir(job):
 def run_sweep(job_file, sets=(), samples=8, metric="test_accuracy", workers_per_trial=0, grace_period=1,
               reduction_factor=3, max_concurrent=None, sweep_dir=None, address=None, echo=print):
     """Run the sweep; returns the summary (also written to SWEEP_DIR/sweep.json)."""
-    import json
-
     from distmlp.connect import connect
 
     t0 = time.perf_counter()
@@ -248,10 +248,9 @@ def run_sweep(job_file, sets=(), samples=8, metric="test_accuracy", workers_per_
     started = connect(base.cluster.address)
     try:
         results = _tune(base, spaces, samples, metric, workers_per_trial, grace_period, reduction_factor,
-                        max_t, max_concurrent, sweep_dir)
+                        max_t, max_concurrent, sweep_dir, echo)
     finally:
         if started:
-            import ray
             ray.shutdown()
     rows = [_row(r, spaces, sweep_dir) for r in results]
     rows.sort(key=lambda r: (STATUSES.index(r["status"]), _order(r, metric)))
@@ -277,30 +276,52 @@ def run_sweep(job_file, sets=(), samples=8, metric="test_accuracy", workers_per_
     return summary
 
 
-def _tune(base, spaces, samples, metric, workers, grace_period, reduction_factor, max_t, concurrent, sweep_dir):
+def _tune(base, spaces, samples, metric, workers, grace_period, reduction_factor, max_t, concurrent, sweep_dir,
+          echo):
     """Tuner.fit over the spaces; the list of its Results."""
-    import ray
     trainable = tune.with_parameters(run_trial, base=base, sweep_dir=sweep_dir, workers=workers)
     # One CPU for the trial's process (it trains, or drives its workers). Workers start their
     # own placement group, outside the trial's: with workers, Tune runs only as many trials at
-    # once as the cluster has CPUs for, each trial's process and workers together.
+    # once as the cluster has CPUs for, each trial's process and workers together, and does not
+    # keep a finished trial's process for the next one (it would hold its CPU meanwhile).
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([{"CPU": 1}]))
     if workers and concurrent is None:
         per_trial = 1 + workers * base.cluster.cpus_per_worker
         concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace_period,
                               reduction_factor=reduction_factor)
+    # draws seeded by the job; the generator itself limits concurrency (Tune ignores
+    # TuneConfig.max_concurrent_trials when it is given a generator)
+    search = BasicVariantGenerator(random_state=base.run.seed, max_concurrent=concurrent or 0)
     tuner = tune.Tuner(
         trainable,
         param_space={s.key: s.to_tune() for s in spaces},
-        tune_config=tune.TuneConfig(metric=metric, mode=METRICS[metric], num_samples=samples,
-                                    scheduler=scheduler, max_concurrent_trials=concurrent,
-                                    search_alg=BasicVariantGenerator(random_state=base.run.seed),
-                                    trial_dirname_creator=_trial_id, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=sweep_dir, name="tune", verbose=0),
+        tune_config=tune.TuneConfig(metric=metric, mode=METRICS[metric], num_samples=samples, search_alg=search,
+                                    scheduler=scheduler, trial_dirname_creator=_trial_id,
+                                    reuse_actors=not workers),
+        run_config=tune.RunConfig(storage_path=sweep_dir, name="tune", verbose=0,
+                                  callbacks=[TrialLines(spaces, metric, os.path.join(sweep_dir, "tune"), echo)]),
     )
     with contextlib.redirect_stdout(sys.stderr):  # Tune's own lines, whatever its verbosity
         return list(tuner.fit())
+
+
+class TrialLines(tune.Callback):
+    """One line per trial as it ends (completed, early-stopped or failed), in the sweep's process."""
+
+    def __init__(self, spaces, metric, tune_dir, echo):
+        self.spaces, self.metric, self.tune_dir, self.echo = spaces, metric, tune_dir, echo
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        status = _status(r)
+        values = " ".join(f"{s.key}={_fmt(trial.config.get(s.key))}" for s in self.spaces)
+        self.echo(f"trial {trial.trial_id} {status} at step {r.get('step')}/{r.get('steps')} | "
+                  f"{self.metric} {_fmt(r.get(self.metric))} | {values}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        where = os.path.join(self.tune_dir, trial.trial_id, "error.txt")
+        self.echo(f"trial {trial.trial_id} failed; its error: {where}")
 
 
 def _trial_id(trial):
@@ -320,11 +341,15 @@ def _row(result, spaces, sweep_dir):
     if result.error is not None:
         row.update(status="error", error=_error_line(result.error))
     else:
-        row["status"] = "completed" if m.get("step") == m.get("steps") else "early-stopped"
+        row["status"] = _status(m)
     if m.get("step") is not None:
-        from distmlp import checkpoint
         row["checkpoint"] = str(checkpoint.checkpoints_dir(run_dir) / checkpoint.step_name(m["step"]))
     return row
+
+
+def _status(reported):
+    """A trial that did not fail either reached its last step or was stopped by ASHA."""
+    return "completed" if reported.get("step") == reported.get("steps") else "early-stopped"
 
 
 def _error_line(error):
@@ -349,6 +374,7 @@ def table(summary):
              f"{r['step'] or 0}/{r['steps'] or '?'}", str(r["evaluations"]), r["status"]] for r in rows]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [head, *body]]
+    lines += [f"{r['trial']}: {r['error']}" for r in rows if r["status"] == "error"]
     best = summary["best"]
     lines.append(f"best: trial {best['trial']} ({metric} {_fmt(best[metric])}), job {best['job']}")
     return lines

@@ -230,3 +230,26 @@ def test_sweep_stops_trials_early_and_best_job_gives_the_same_bits(tmp_path):
     got, want = checkpoint.load(retrained["checkpoint"]), checkpoint.load(best["checkpoint"])
     assert got.step == want.step == 300
     assert all(got.params[k].tobytes() == want.params[k].tobytes() for k in want.params)
+
+
+@pytest.mark.slow
+def test_trials_with_workers_and_a_failing_trial(tmp_path):
+    """--workers-per-trial 1: each trial drives a worker actor in the same Ray; a trial that
+    diverges is an error row with its one-line reason, and the sweep still ends with best.toml."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([DISTMLP, "sweep", "--set", "run.steps=100", "--set", "run.eval_every=50",
+                           "--set", "optimizer.lr=grid(0.3, 1e30)", "--samples", "1", "--workers-per-trial", "1",
+                           "--sweep-dir", str(sweep_dir)], capture_output=True, text=True, timeout=900,
+                          env=os.environ | {"RAY_ADDRESS": ""}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    good, bad = sorted(summary["trials"], key=lambda t: t["params"]["optimizer.lr"])
+    assert (good["status"], good["step"], bad["status"]) == ("completed", 100, "error")
+    assert "DivergenceError: non-finite loss or gradient in worker 0" in bad["error"]  # its worker saw it
+    assert config.load_job(Path(good["run_dir"]) / "job.toml").cluster.workers == 1
+    assert config.load_job(sweep_dir / "best.toml").cluster.workers == 1
+    out = proc.stdout.splitlines()
+    assert any(line.startswith(good["trial"]) and line.endswith("completed") for line in out), proc.stdout
+    assert f"{bad['trial']}: {bad['error']}" in out
+    assert f"trial {bad['trial']} failed; its error: {sweep_dir / 'tune' / bad['trial'] / 'error.txt'}" in out
+    assert (sweep_dir / "tune" / bad["trial"] / "error.txt").is_file()

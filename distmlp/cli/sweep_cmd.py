@@ -1,6 +1,8 @@
 """`distmlp sweep`: many trainings of one job at once on Ray Tune, with ASHA early stopping."""
 
+import functools
 import json
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -48,7 +50,8 @@ def sweep(
         from distmlp import sweep as sweeps
     except ImportError as e:
         raise UserError(f"distmlp sweep needs Ray Tune ({e}): pip install 'distmlp[tune]'") from None
-    echo = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
+    # the stream bound now: while Tune runs, its own lines on stdout go to stderr
+    echo = functools.partial(typer.echo, file=sys.stderr if as_json else sys.stdout)
     summary = sweeps.run_sweep(job_file, set_ or (), samples, metric, workers_per_trial, grace_period,
                                reduction_factor, max_concurrent, sweep_dir, address, echo)
     for line in sweeps.table(summary):
