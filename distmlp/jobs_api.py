@@ -95,20 +95,21 @@ def auth_headers(environ=os.environ):
     return headers
 
 
-def check_safe(url, headers, insecure=False):
-    """Refuse plain http to another machine without a token (CVE-2023-48022) unless insecure."""
-    if urlsplit(url).scheme == "http" and not is_loopback(url) and not headers and not insecure:
-        raise JobsError(f"{url}: refusing plain http to a non-loopback Jobs API without Ray token "
-                        f"authentication (anyone who reaches it runs code); {NO_TOKEN_HELP}, or tunnel "
-                        "with `ray dashboard cluster.yaml` and use http://127.0.0.1:8265, "
+def check_safe(url, insecure=False):
+    """Refuse plain http to another machine unless insecure: without a token anyone who reaches the
+    Jobs API runs code (CVE-2023-48022), with one the token crosses the network in clear text."""
+    if urlsplit(url).scheme == "http" and not is_loopback(url) and not insecure:
+        raise JobsError(f"{url}: refusing plain http to a non-loopback Jobs API (the Ray auth token, "
+                        "or the lack of one, would be exposed on the network); tunnel with "
+                        "`ray dashboard cluster.yaml` and use http://127.0.0.1:8265, use https://, "
                         "or pass --insecure")
 
 
 def connect(address=None, insecure=False):
     """A JobSubmissionClient for address (or RAY_ADDRESS), with the Ray auth token when found."""
     url = resolve_address(address)
+    check_safe(url, insecure)
     headers = auth_headers()
-    check_safe(url, headers, insecure)
     from ray.job_submission import JobSubmissionClient
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no "Uploading package" chatter

@@ -229,14 +229,24 @@ def test_every_command_has_an_example_in_its_help():
 
 
 def test_check_safe_rules():
-    jobs_api.check_safe("http://127.0.0.1:8265", {})
-    jobs_api.check_safe("http://localhost:8265", {})
-    jobs_api.check_safe("http://[::1]:8265", {})
-    jobs_api.check_safe("http://192.0.2.7:8265", {"authorization": "Bearer x"})
-    jobs_api.check_safe("http://192.0.2.7:8265", {}, insecure=True)
-    jobs_api.check_safe("https://ray.example.org", {})
-    with pytest.raises(jobs_api.JobsError, match="CVE|refusing"):
-        jobs_api.check_safe("http://ray.example.org:8265", {})
+    for url in ("http://127.0.0.1:8265", "http://127.8.9.10:8265", "http://localhost:8265", "http://[::1]:8265",
+                "https://ray.example.org", "https://192.0.2.7:8265"):
+        jobs_api.check_safe(url)
+    for url in ("http://192.0.2.7:8265", "http://ray.example.org:8265", "http://[2001:db8::1]:8265",
+                "http://localhost.example.org:8265", "http://0.0.0.0:8265"):
+        jobs_api.check_safe(url, insecure=True)
+        with pytest.raises(jobs_api.JobsError, match="refusing plain http") as e:
+            jobs_api.check_safe(url)
+        assert "\n" not in str(e.value) and url in str(e.value)
+
+
+def test_a_token_does_not_make_plain_http_to_another_machine_acceptable(no_network, tmp_path):
+    token = tmp_path / "tok"
+    token.write_text("c" * 64)
+    for env in ({"RAY_AUTH_TOKEN": "c" * 64}, {"RAY_AUTH_TOKEN_PATH": str(token)}):
+        r = runner.invoke(app, ["jobs", "--address", "http://192.0.2.77:8265"], env=env)
+        assert r.exit_code == 2
+        assert "refusing plain http" in r.output and "--insecure" in r.output
 
 
 def test_auth_headers_follow_rays_token_sources(monkeypatch, tmp_path):

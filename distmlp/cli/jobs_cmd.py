@@ -13,8 +13,9 @@ from distmlp.cli import app, user_errors
 Opt = typer.Option
 Address = Annotated[Optional[str], Opt("--address", "-a", help="The cluster's Jobs API, http://HOST:8265 "
                                        "(default: $RAY_ADDRESS).", show_default=False)]
-Insecure = Annotated[bool, Opt("--insecure", help="Allow plain http to a non-loopback address without a "
-                               "Ray auth token (anyone who reaches it can run code).")]
+Insecure = Annotated[bool, Opt("--insecure", help="Allow plain http to a non-loopback address (the Ray "
+                               "auth token crosses the network in clear text; without one anyone who "
+                               "reaches it can run code).")]
 AsJson = Annotated[bool, Opt("--json", help="Print one JSON object on stdout (human output to stderr).")]
 JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The id `distmlp submit` printed.")]
 
