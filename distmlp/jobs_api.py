@@ -107,6 +107,17 @@ def auth_headers(environ=os.environ):
     return headers
 
 
+def token_help(environ=os.environ):
+    """Where the token was taken from, and where one is looked for, as one clause."""
+    if environ.get("RAY_AUTH_TOKEN"):
+        used = "the token came from RAY_AUTH_TOKEN"
+    elif environ.get("RAY_AUTH_TOKEN_PATH"):
+        used = f"the token came from RAY_AUTH_TOKEN_PATH={environ['RAY_AUTH_TOKEN_PATH']}"
+    else:
+        used = "the token is looked for in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token"
+    return f"{used}: {NO_TOKEN_HELP}"
+
+
 def check_safe(url, insecure=False):
     """Refuse plain http to another machine unless insecure: without a token anyone who reaches the
     Jobs API runs code (CVE-2023-48022), with one the token crosses the network in clear text."""

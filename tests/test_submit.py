@@ -1,4 +1,5 @@
-"""`distmlp submit/status/logs/stop/jobs` against a real `ray start --head` on 127.0.0.1.
+"""`distmlp submit/status/logs/stop/jobs`, and `distmlp train --address HOST:PORT`, against a real
+`ray start --head` on 127.0.0.1.
 
 The head runs in its own session with its own temp dir and its own HOME (so its auth token
 is not the user's ~/.ray/auth_token); Ray is kept on loopback by
@@ -231,6 +232,28 @@ def test_submit_right_after_ray_start_waits_for_the_job_agent(tmp_path_factory):
     assert json.loads(r.stdout)["status"] == "SUCCEEDED"
     assert r.stderr.count("waiting up to 60 s for the head's job agent") <= 1
     assert "No available agent" not in r.stderr
+
+
+# ---- `distmlp train --address HOST:PORT` joins a `ray start --head` with token auth ----
+
+@pytest.mark.slow
+def test_train_joins_the_head_with_the_token_from_home(head, tmp_path):
+    r = distmlp(head, "train", "--address", head["gcs"], "--steps", "3", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["workers"] == 2
+
+
+@pytest.mark.slow
+def test_train_with_a_wrong_or_missing_token_says_so_in_one_line(head, tmp_path):
+    wrong = distmlp(head, "train", "--address", head["gcs"], "--steps", "3", cwd=tmp_path,
+                    env={**head["env"], "RAY_AUTH_TOKEN": "0" * 64})
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "rejected the Ray auth token" in wrong.stderr and "RAY_AUTH_TOKEN" in wrong.stderr
+    missing = distmlp(head, "train", "--address", head["gcs"], "--steps", "3", cwd=tmp_path, env=clean_env(tmp_path))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "requires a Ray auth token and none was found" in missing.stderr and "~/.ray/auth_token" in missing.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 # ---- no cluster needed: parsing, safety checks ----
