@@ -167,17 +167,17 @@ def upload_plan(root):
     and the files it then uploads.
 
     Ray's packager follows symlinks, so besides EXCLUDES the excludes name each symlink that
-    points out of root, nowhere, or to a directory (which could also loop), and each virtualenv
-    (a directory with pyvenv.cfg), found by Ray's own walk; files come from a second walk with
-    only those patterns, the way the Jobs client zips, and must not contain anything the first
-    walk left out for what it is.
+    points out of root, nowhere, to a directory (which could also loop) or to a file left out
+    itself, and each virtualenv (a directory with pyvenv.cfg), found by Ray's own walk; files
+    come from a last walk with only those patterns, the way the Jobs client zips, and must not
+    contain anything left out for what it is.
     """
     from ray._private import ray_constants
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
     root = Path(root).resolve()
     include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
-    names = ray_constants.get_runtime_env_default_excludes() + list(EXCLUDES)
+    ray_defaults = ray_constants.get_runtime_env_default_excludes()  # the Jobs client adds these
     quiet = logging.getLogger(__name__)
     by_kind = []  # paths (relative to root) left out for what they are, not for their name
 
@@ -191,19 +191,28 @@ def upload_plan(root):
             by_kind.append(path.relative_to(root).as_posix())
         return unsafe
 
-    _dir_travel(root, [_get_excludes(root, names), leaves_the_tree], lambda path: None,
-                include_gitignore=include_gitignore, logger=quiet)
-    excludes = tuple(EXCLUDES) + tuple("/" + _escape(rel) for rel in by_kind)
-    files = []
+    def uploaded():  # what Ray's zip handler packs: files and empty directories
+        excludes = tuple(EXCLUDES) + tuple("/" + _escape(rel) for rel in by_kind)
+        files = []
 
-    def collect(path):  # what Ray's zip handler packs: files and empty directories
-        if path.is_file():
-            files.append(path.relative_to(root).as_posix())
-        elif path != root and path.is_dir() and next(path.iterdir(), None) is None:
-            files.append(path.relative_to(root).as_posix() + "/")
+        def collect(path):
+            if path.is_file():
+                files.append(path.relative_to(root).as_posix())
+            elif path != root and path.is_dir() and next(path.iterdir(), None) is None:
+                files.append(path.relative_to(root).as_posix() + "/")
+        _dir_travel(root, [_get_excludes(root, ray_defaults + list(excludes))], collect,
+                    include_gitignore=include_gitignore, logger=quiet)
+        return excludes, files
 
-    _dir_travel(root, [_get_excludes(root, names[:-len(EXCLUDES)] + list(excludes))], collect,
-                include_gitignore=include_gitignore, logger=quiet)
+    _dir_travel(root, [_get_excludes(root, ray_defaults + list(EXCLUDES)), leaves_the_tree],
+                lambda path: None, include_gitignore=include_gitignore, logger=quiet)
+    excludes, files = uploaded()
+    kept = set(files)
+    to_hidden = [f for f in files if (root / f).is_symlink()
+                 and (root / f).resolve().relative_to(root).as_posix() not in kept]
+    if to_hidden:  # e.g. notes.txt -> .env
+        by_kind += to_hidden
+        excludes, files = uploaded()
     leaked = [f for f in files if any(f == rel or f.startswith(rel + "/") for rel in by_kind)]
     if leaked:
         raise JobsError(f"{root}: cannot keep {leaked[0]!r} out of the upload (rename it, or list it "

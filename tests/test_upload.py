@@ -51,6 +51,8 @@ LEFT_OUT_LINKS = {  # name -> target; the outside targets are made by hostile_tr
     "loop": ".",
     "pkg/up": "..",
     "dangling": "no-such-file",
+    "sub/notes.txt": "../.env",  # inside the tree, but to a file that is left out itself
+    "pkg/trace.txt": "trace.log",  # to a .gitignore'd file
 }
 
 
