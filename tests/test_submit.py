@@ -46,11 +46,12 @@ def clean_env(home):
     return env
 
 
-def wait_http(url, timeout_s, proc):
+def wait_http(url, timeout_s, proc, log):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
+            tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{tail}")
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
             return
@@ -82,7 +83,7 @@ def ray_head(home, temp_dir):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_http(url, 90, proc)
+        wait_http(url, 90, proc, log.name)
         yield {"url": url, "env": env, "home": home, "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
     finally:
         proc.send_signal(signal.SIGTERM)  # --block: ray start stops what it started
