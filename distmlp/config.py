@@ -13,6 +13,7 @@ that names the key and what is allowed.
 """
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -70,7 +71,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"  # used in the run directory name
+    name: str = "run"  # used in the run directory name: letters, digits, _ . - (no "..")
     seed: int = 0  # seeds the initial weights and every sampling draw
     epochs: int | None = None  # passes over the training split (one of epochs / steps)
     steps: int | None = None  # optimizer steps; wins over epochs when both are given
@@ -226,6 +227,8 @@ def validate(job):
     _require(0.0 <= o.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", o.momentum)
     _require(job.data.dataset is not None or job.data.path is not None, "data.dataset",
              "give data.dataset or data.path", None)
+    _require(re.fullmatch(r"[A-Za-z0-9_.-]+", r.name) is not None and ".." not in r.name, "run.name",
+             "use letters, digits, _ . - and no '..' (it names the run directory)", r.name)
     _require(r.epochs is None or r.epochs >= 1, "run.epochs", "must be >= 1", r.epochs)
     _require(r.steps is None or r.steps >= 1, "run.steps", "must be >= 1", r.steps)
     for key in ("eval_every", "log_every", "checkpoint_every"):

@@ -1,7 +1,8 @@
 """Joining Ray: a cluster at an address, or an embedded local Ray of our own on loopback.
 
 `connect` is called once per run by the driver; it fails in seconds with one line where
-ray.init would retry an unreachable address for minutes.
+ray.init would retry an unreachable address, or one that refuses its auth token, for minutes.
+A cluster's auth token is found where `distmlp submit` finds it (jobs_api.auth_headers).
 """
 
 import logging
@@ -12,6 +13,7 @@ import ray
 from ray._private import ray_constants
 
 from distmlp.errors import UserError
+from distmlp.jobs_api import auth_headers, token_help
 
 
 class ClusterError(UserError):
@@ -23,6 +25,7 @@ def connect(address=None, num_cpus=None):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         _probe(address)
+        _authenticate(address)
     if ray.is_initialized():
         return False
     quiet = dict(logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
@@ -41,6 +44,33 @@ def connect(address=None, num_cpus=None):
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              _node_ip_address="127.0.0.1", **quiet)
     return True
+
+
+def _authenticate(address, timeout_s=5.0):
+    """Send the Ray auth token when one is found; fail in one line when the cluster refuses us.
+
+    Ray's client sends a token only with RAY_AUTH_MODE=token, while `ray start --head` turns
+    token auth on by itself when ~/.ray/auth_token exists; so a token found in Ray's usual places
+    turns the mode on for this process (and the workers it starts), unless RAY_AUTH_MODE is set.
+    A HOST:PORT cluster is then asked for its id, which needs the token, before ray.init.
+    """
+    headers = auth_headers()
+    if headers and not os.environ.get("RAY_AUTH_MODE"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        ray._raylet.Config.initialize("")  # re-read by this process too, as Ray's own ray.init does
+    if address == "auto" or "://" in address:
+        return  # not a GCS address we can ask
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, metadata=list(headers.items()))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                what = "rejected the Ray auth token" if headers else "requires a Ray auth token and none was found"
+                raise ClusterError(f"the Ray cluster at {address} {what}; {token_help()}") from None
+            # anything else (TLS, an old Ray): ray.init reports it
 
 
 def _probe(address, timeout_s=5.0):

@@ -1,18 +1,22 @@
 """Submit `distmlp train` to a Ray cluster over the Ray Jobs API, and follow, stop, list jobs.
 
-The package sent with a job is a zip made here: the job file at its root, plus the working
-directory (minus data, runs, caches, .git, virtualenvs) only when asked for. Ray imports stay
-inside functions so `import distmlp.jobs_api` is cheap for the CLI's --help.
+A job's files go to the cluster as Ray's runtime_env working_dir, which Ray zips and uploads:
+a directory holding only the job file, or the user's --workdir minus what EXCLUDES, its
+.gitignore / .rayignore and upload_plan leave out. Ray imports stay inside functions so
+`import distmlp.jobs_api` is cheap for the CLI's --help.
 """
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
+import re
 import shlex
+import shutil
+import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,10 +25,14 @@ from distmlp import config
 from distmlp.errors import UserError
 
 DEFAULT_PORT = 8265  # the dashboard port, which serves the Jobs API
-# Never uploaded with a working directory (names matched at any depth).
-EXCLUDED_DIRS = {".git", ".venv", "venv", "env", "runs", "data", "__pycache__", ".pytest_cache",
-                 ".hypothesis", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints", "node_modules"}
-EXCLUDED_SUFFIXES = (".pyc", ".egg-info")
+# Never uploaded with a --workdir (gitignore-style patterns, on top of Ray's own .git, .venv,
+# venv, __pycache__): dotfiles and dot-directories at any depth, e.g. .env, .aws/credentials,
+# .ray/auth_token, .git, caches (".?*", since ".*" would also match the root, "."), virtualenvs,
+# run outputs, data sets, build leftovers.
+EXCLUDES = (".?*", "venv/", "env/", "runs/", "data/", "__pycache__/", "*.pyc", "*.egg-info/",
+            "node_modules/")
+AGENT_WAIT_S = 60.0  # how long submit retries while a just-started head has no job agent yet
+NO_AGENT = "No available agent to submit job"  # the head's answer until its job agent is up
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 NO_TOKEN_HELP = ("copy the cluster's token (`ray get-auth-token` on the head) to ~/.ray/auth_token, "
                  "or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
@@ -35,11 +43,15 @@ class JobsError(UserError):
 
 
 @dataclass(frozen=True)
-class Package:
-    zip_path: str  # the working_dir zip sent to the cluster
-    entrypoint: str  # the shell command the job runs
-    size: int  # bytes of the zip
-    files: int
+class Upload:
+    working_dir: str  # the directory Ray zips and uploads: the job's working directory there
+    excludes: tuple[str, ...]  # gitignore-style patterns (from working_dir) Ray leaves out of it
+    files: tuple[str, ...]  # what Ray uploads, relative to working_dir ("dir/" for an empty one)
+    size: int  # bytes of those files before compression
+    entrypoint: str  # the shell command the job runs there
+
+    def runtime_env(self):
+        return {"working_dir": self.working_dir, "excludes": list(self.excludes)}
 
 
 def resolve_address(address=None, environ=os.environ):
@@ -95,23 +107,36 @@ def auth_headers(environ=os.environ):
     return headers
 
 
-def check_safe(url, headers, insecure=False):
-    """Refuse plain http to another machine without a token (CVE-2023-48022) unless insecure."""
-    if urlsplit(url).scheme == "http" and not is_loopback(url) and not headers and not insecure:
-        raise JobsError(f"{url}: refusing plain http to a non-loopback Jobs API without Ray token "
-                        f"authentication (anyone who reaches it runs code); {NO_TOKEN_HELP}, or tunnel "
-                        "with `ray dashboard cluster.yaml` and use http://127.0.0.1:8265, "
+def token_help(environ=os.environ):
+    """Where the token was taken from, and where one is looked for, as one clause."""
+    if environ.get("RAY_AUTH_TOKEN"):
+        used = "the token came from RAY_AUTH_TOKEN"
+    elif environ.get("RAY_AUTH_TOKEN_PATH"):
+        used = f"the token came from RAY_AUTH_TOKEN_PATH={environ['RAY_AUTH_TOKEN_PATH']}"
+    else:
+        used = "the token is looked for in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token"
+    return f"{used}: {NO_TOKEN_HELP}"
+
+
+def check_safe(url, insecure=False):
+    """Refuse plain http to another machine unless insecure: without a token anyone who reaches the
+    Jobs API runs code (CVE-2023-48022), with one the token crosses the network in clear text."""
+    if urlsplit(url).scheme == "http" and not is_loopback(url) and not insecure:
+        raise JobsError(f"{url}: refusing plain http to a non-loopback Jobs API (the Ray auth token, "
+                        "or the lack of one, would be exposed on the network); tunnel with "
+                        "`ray dashboard cluster.yaml` and use http://127.0.0.1:8265, use https://, "
                         "or pass --insecure")
 
 
 def connect(address=None, insecure=False):
     """A JobSubmissionClient for address (or RAY_ADDRESS), with the Ray auth token when found."""
     url = resolve_address(address)
+    check_safe(url, insecure)
     headers = auth_headers()
-    check_safe(url, headers, insecure)
     from ray.job_submission import JobSubmissionClient
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # no "Uploading package" chatter
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no "Uploading / Creating package" chatter
     try:
         return JobSubmissionClient(url, headers=headers)
     except Exception as e:
@@ -125,6 +150,10 @@ def _explain(e, url):
         return JobsError(f"{url}: the cluster requires a Ray auth token and none was found: {NO_TOKEN_HELP}")
     if "Authentication failed" in text or "Invalid authentication token" in text:
         return JobsError(f"{url}: the cluster rejected the Ray auth token: {NO_TOKEN_HELP}")
+    too_big = re.search(r"Package size \(.*?\) exceeds the maximum size of [\d.]+ ?MiB", text)
+    if too_big:
+        return JobsError(f"{url}: {too_big.group(0)}: move large files into data/ or runs/, or list them in "
+                         "the directory's .gitignore or .rayignore (`distmlp submit --dry-run` lists the upload)")
     if isinstance(e, ConnectionError) or "Failed to connect" in text or "Connection refused" in text:
         return JobsError(f"{url}: cannot reach the Ray Jobs API (is the head running and the port "
                          "its dashboard port?)")
@@ -133,29 +162,67 @@ def _explain(e, url):
     return JobsError(f"{url}: {text[:300]}")
 
 
-def upload_limit():
-    """Ray's maximum package size for a working_dir upload, in bytes."""
-    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
-    return GCS_STORAGE_MAX_SIZE
+def upload_plan(root):
+    """(excludes, files): how Ray's working_dir upload of directory root is told what to leave out,
+    and the files it then uploads.
+
+    Ray's packager follows symlinks, so besides EXCLUDES the excludes name each symlink that
+    points out of root, nowhere, to a directory (which could also loop) or to a file left out
+    itself, and each virtualenv (a directory with pyvenv.cfg), found by Ray's own walk; files
+    come from a last walk with only those patterns, the way the Jobs client zips, and must not
+    contain anything left out for what it is.
+    """
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = Path(root).resolve()
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    ray_defaults = ray_constants.get_runtime_env_default_excludes()  # the Jobs client adds these
+    quiet = logging.getLogger(__name__)
+    by_kind = []  # paths (relative to root) left out for what they are, not for their name
+
+    def leaves_the_tree(path):
+        if path.is_symlink():
+            target = path.resolve()
+            unsafe = not target.exists() or target.is_dir() or not target.is_relative_to(root)
+        else:
+            unsafe = path.is_dir() and (path / "pyvenv.cfg").is_file()
+        if unsafe:
+            by_kind.append(path.relative_to(root).as_posix())
+        return unsafe
+
+    def uploaded():  # what Ray's zip handler packs: files and empty directories
+        excludes = tuple(EXCLUDES) + tuple("/" + _escape(rel) for rel in by_kind)
+        files = []
+
+        def collect(path):
+            if path.is_file():
+                files.append(path.relative_to(root).as_posix())
+            elif path != root and path.is_dir() and next(path.iterdir(), None) is None:
+                files.append(path.relative_to(root).as_posix() + "/")
+        _dir_travel(root, [_get_excludes(root, ray_defaults + list(excludes))], collect,
+                    include_gitignore=include_gitignore, logger=quiet)
+        return excludes, files
+
+    _dir_travel(root, [_get_excludes(root, ray_defaults + list(EXCLUDES)), leaves_the_tree],
+                lambda path: None, include_gitignore=include_gitignore, logger=quiet)
+    excludes, files = uploaded()
+    kept = set(files)
+    to_hidden = [f for f in files if (root / f).is_symlink()
+                 and (root / f).resolve().relative_to(root).as_posix() not in kept]
+    if to_hidden:  # e.g. notes.txt -> .env
+        by_kind += to_hidden
+        excludes, files = uploaded()
+    leaked = [f for f in files if any(f == rel or f.startswith(rel + "/") for rel in by_kind)]
+    if leaked:
+        raise JobsError(f"{root}: cannot keep {leaked[0]!r} out of the upload (rename it, or list it "
+                        "in the directory's .rayignore)")
+    return excludes, tuple(sorted(files))
 
 
-def is_excluded(rel_path):
-    """True for paths under an excluded directory or with an excluded suffix."""
-    parts = Path(rel_path).parts
-    return any(p in EXCLUDED_DIRS or p.endswith(EXCLUDED_SUFFIXES) for p in parts)
-
-
-def workdir_files(root):
-    """Relative paths of the files in root that a job upload includes, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        dirnames[:] = sorted(d for d in dirnames if not is_excluded(os.path.join(rel_dir, d)))
-        for name in filenames:
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if not is_excluded(rel) and os.path.isfile(os.path.join(root, rel)):
-                found.append(rel)
-    return sorted(found)
+def _escape(rel):
+    """rel as a gitignore pattern that matches exactly that path."""
+    return re.sub(r"([\\\[\]*?!# ])", r"\\\1", rel)
 
 
 def entrypoint(job_name, overrides=(), home_run_dir=None):
@@ -173,42 +240,33 @@ def entrypoint(job_name, overrides=(), home_run_dir=None):
     return command
 
 
-def package(job_path, overrides=(), workdir=None, out_dir=None, limit=None, home_run_dir=None):
-    """Zip the job file (and workdir, when given) for upload; returns a Package.
+@contextlib.contextmanager
+def prepare(job_path, overrides=(), workdir=None, home_run_dir=None):
+    """The Upload for a job file (and workdir, when given), valid inside the with block.
 
-    The job file goes to the zip's root unless it lies inside workdir, where it keeps its
-    relative path. Raises JobsError when the zip exceeds Ray's upload limit.
+    Without workdir the upload is a temporary directory holding a copy of the job file; with
+    it, the job file must be one of the files upload_plan keeps.
     """
     job_path = Path(job_path).resolve()
     if not job_path.is_file():
         raise JobsError(f"{job_path}: no such job file")
-    files = []  # (source path, name in the zip)
-    job_name = None
-    if workdir is not None:
-        root = Path(workdir).resolve()
-        if not root.is_dir():
-            raise JobsError(f"{workdir}: no such working directory")
-        files = [(root / rel, rel) for rel in workdir_files(root)]
-        if job_path.is_relative_to(root) and not is_excluded(job_path.relative_to(root)):
-            job_name = str(job_path.relative_to(root))
-    if job_name is None:
-        job_name = job_path.name
-        if job_name in {name for _, name in files}:
-            raise JobsError(f"{job_path}: the working directory already has a different {job_name}")
-        files.append((job_path, job_name))
-    out_dir = out_dir or tempfile.mkdtemp(prefix="distmlp-submit-")
-    zip_path = os.path.join(out_dir, "distmlp-job.zip")
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for src, name in files:
-            zf.write(src, name)
-    size = os.path.getsize(zip_path)
-    limit = upload_limit() if limit is None else limit
-    if size >= limit:
-        where = f"working directory {workdir}" if workdir is not None else f"job file {job_path}"
-        raise JobsError(f"the upload of {where} is {size / 2**20:.1f} MiB, over Ray's limit of "
-                        f"{limit / 2**20:.0f} MiB: move large files out of it or into an excluded "
-                        f"directory ({', '.join(sorted(EXCLUDED_DIRS))})")
-    return Package(zip_path, entrypoint(job_name, overrides, home_run_dir), size, len(files))
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="distmlp-submit-") as tmp:
+            shutil.copyfile(job_path, os.path.join(tmp, job_path.name))
+            yield Upload(tmp, (), (job_path.name,), job_path.stat().st_size,
+                         entrypoint(job_path.name, overrides, home_run_dir))
+        return
+    root = Path(workdir).resolve()
+    if not root.is_dir():
+        raise JobsError(f"{workdir}: no such working directory")
+    excludes, files = upload_plan(root)
+    job_name = job_path.relative_to(root).as_posix() if job_path.is_relative_to(root) else None
+    if job_name not in files:
+        raise JobsError(f"{job_path}: the job file must be inside --workdir {root} and not left out of "
+                        "its upload (dotfiles, .gitignore, .rayignore, runs/, data/); "
+                        "`distmlp submit JOB --workdir DIR --dry-run` lists what is uploaded")
+    size = sum((root / f).stat().st_size for f in files if not f.endswith("/"))
+    yield Upload(str(root), excludes, files, size, entrypoint(job_name, overrides, home_run_dir))
 
 
 def submission_id(job, now=None):
@@ -221,27 +279,55 @@ def submission_id(job, now=None):
 RUNS_HOME = "distmlp-runs"  # under $HOME on the driver node, when the job sets no run.run_dir
 
 
+def plan(job_path, overrides=()):
+    """(job config, submission id, run directory under $HOME or None) for a job about to go."""
+    job = config.load_job(job_path, overrides)
+    sid = submission_id(job)
+    return job, sid, None if job.run.run_dir else f"{RUNS_HOME}/{sid}"
+
+
 def submit(client, job_path, overrides=(), workdir=None):
-    """Validate the job locally, upload it and start it; returns (job id, Package).
+    """Validate the job locally, upload it and start it; returns (job id, Upload).
 
     Unless the job sets run.run_dir, the run goes to ~/distmlp-runs/<job id> on the node
     that runs the driver (the head, for jobs submitted to it).
     """
-    job = config.load_job(job_path, overrides)
-    sid = submission_id(job)
-    home_run_dir = None if job.run.run_dir else f"{RUNS_HOME}/{sid}"
-    with tempfile.TemporaryDirectory(prefix="distmlp-submit-") as tmp:
-        pkg = package(job_path, overrides, workdir, out_dir=tmp, home_run_dir=home_run_dir)
-        try:
-            job_id = client.submit_job(
-                entrypoint=pkg.entrypoint,
+    job, sid, home_run_dir = plan(job_path, overrides)
+    with prepare(job_path, overrides, workdir, home_run_dir) as upload:
+        def send():
+            return client.submit_job(
+                entrypoint=upload.entrypoint,
                 submission_id=sid,
-                runtime_env={"working_dir": pkg.zip_path},
+                runtime_env=upload.runtime_env(),
                 metadata={"distmlp_job": os.path.basename(job_path), "run_name": job.run.name},
             )
+        try:
+            job_id = until_agent_ready(send)
         except Exception as e:
             raise _explain(e, client.get_address()) from None
-    return job_id, pkg
+    return job_id, upload
+
+
+def until_agent_ready(send, wait_s=AGENT_WAIT_S, sleep=time.sleep):
+    """send(), again with backoff while the head answers that it has no job agent yet (just after
+    `ray start --head`), for up to wait_s seconds; says once on stderr that it waits. Once it has
+    answered so, a dropped connection counts as the head still starting too."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            return send()
+        except Exception as e:
+            starting = NO_AGENT in str(e) or (delay > 0.5 and isinstance(e, OSError))
+            if not starting:
+                raise
+            if time.monotonic() + delay > deadline:
+                raise JobsError(f"the head's job agent did not come up within {wait_s:.0f} s (it answers "
+                                f"{NO_AGENT!r}): check the head's dashboard_agent.log") from None
+        if delay == 0.5:
+            print(f"waiting up to {wait_s:.0f} s for the head's job agent to start", file=sys.stderr)
+        sleep(delay)
+        delay = min(2 * delay, 5.0)
 
 
 def call(client, method, *args):

@@ -18,6 +18,7 @@ BAD_JOB_FILES = [
     ('[optimizer]\nlr = inf\n', ["optimizer.lr: inf", "must be a finite number > 0"]),
     ('[optimizer]\nname = "gd"\nmomentum = 1.5\n', ["optimizer.momentum: 1.5", "must be in [0, 1)"]),
     ('[run]\non_nonfinite = "ignore"\n', ["run.on_nonfinite: 'ignore'", "allowed: stop, skip"]),
+    ('[run]\nname = "../../x"\n', ["run.name: '../../x'", "letters, digits, _ . - and no '..'"]),
     ('[cluster]\nmax_failures = -2\n', ["cluster.max_failures: -2", "must be >= -1 (-1: unlimited)"]),
     ('[cluster]\nstep_timeout_s = 0\n', ["cluster.step_timeout_s: 0", "must be > 0"]),
     ('[data]\npath = "no/such/dir"\n', ["no/such/dir"]),

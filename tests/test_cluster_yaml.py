@@ -57,11 +57,22 @@ def test_dashboard_and_jobs_api_only_on_the_heads_loopback(cfg):
     assert not any("--dashboard-host" in c for c in cfg["worker_start_ray_commands"])
 
 
-def test_setup_installs_distmlp_and_the_same_ray(cfg):
+def test_setup_installs_a_pinned_distmlp_and_the_same_ray(cfg):
     import ray
-    install = " ".join(cfg["setup_commands"])
-    assert "distmlp @ git+https://" in install
+    install = " ".join(c for c in cfg["setup_commands"] if "pip install" in c)
+    assert re.search(r'"distmlp @ git\+https://\S+\.git@DISTMLP_REF"', install)  # a tag or commit, not a branch
     assert f'"ray[default]=={ray.__version__}"' in install
+
+
+def test_the_copied_token_is_readable_by_its_owner_only(cfg):
+    chmod = cfg["setup_commands"][0]  # file_mounts are copied before setup_commands run
+    assert chmod.split("#")[0].strip() == "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token"
+    assert list(cfg["file_mounts"]) == ["~/.ray/auth_token"]
+
+
+def test_warns_that_jobs_inherit_the_nodes_cloud_role(text):
+    header = text.split("cluster_name:")[0]
+    assert "inherit its cloud role" in header and "least-privilege instance profile" in header
 
 
 def test_every_key_has_a_comment(text):

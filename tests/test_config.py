@@ -36,6 +36,15 @@ BAD_OVERRIDES = [
     ("data.dataset=5", ["data.dataset", "expected str"]),
     ("data.path=5", ["data.path", "expected str"]),
     ("run.name=5", ["run.name", "expected str"]),
+    ("run.name=../../x", ["run.name", "'../../x'", "letters, digits, _ . - and no '..'"]),
+    ("run.name=..", ["run.name", "no '..'"]),
+    ("run.name=a..b", ["run.name", "no '..'"]),
+    ("run.name=a/b", ["run.name", "'a/b'"]),
+    ("run.name=/etc", ["run.name", "'/etc'"]),
+    ('run.name=""', ["run.name", "''"]),
+    ("run.name=a b", ["run.name", "'a b'"]),
+    ('run.name="a\\nb"', ["run.name", "'a\\nb'"]),
+    ("run.name=café", ["run.name", "'café'"]),
     ("run.seed=-1", ["run.seed", ">= 0"]),
     ("run.seed=true", ["run.seed", "expected int"]),
     ("run.seed=1.0", ["run.seed", "expected int"]),
@@ -83,6 +92,11 @@ def test_bad_override_is_one_line_naming_key_and_allowed_values(override, expect
     message = one_line_error(config.load_job, None, [override])
     for part in expected:
         assert part in message, message
+
+
+def test_run_names_that_stay_inside_the_runs_directory_are_accepted():
+    for name in ("quickstart", "mnist-sgd_2", "v1.2", ".hidden", "a.b-c_d", "-", "x" * 200):
+        assert config.load_job(None, [f"run.name={name}"]).run.name == name
 
 
 def test_the_table_covers_every_config_key():
@@ -183,7 +197,8 @@ jobs = st.builds(
                         batch_size=st.integers(1, 10**6), sampling=st.sampled_from(config.SAMPLINGS),
                         momentum=st.floats(0.0, 1.0, exclude_max=True)),
     data=st.builds(config.DataConfig, dataset=text, path=st.none() | text),
-    run=st.builds(config.RunConfig, name=text, seed=st.integers(0, 2**63 - 1),
+    run=st.builds(config.RunConfig, name=st.from_regex(r"[A-Za-z0-9_.-]+", fullmatch=True).filter(lambda n: ".." not in n),
+                  seed=st.integers(0, 2**63 - 1),
                   epochs=st.none() | st.integers(1, 10**6), steps=st.none() | st.integers(1, 10**9),
                   eval_every=st.integers(0, 10**6), log_every=st.integers(0, 10**6), run_dir=st.none() | text,
                   checkpoint_every=st.integers(0, 10**6), keep_last=st.integers(1, 100),
@@ -202,7 +217,7 @@ def test_to_toml_round_trips_every_valid_job(job):
 
 
 def test_to_toml_round_trips_through_a_file(tmp_path):
-    job = config.load_job(None, ["model.sizes=[784, 32, 10]", "optimizer.lr=0.1", "run.name=a \"quoted\"\\name\n",
+    job = config.load_job(None, ["model.sizes=[784, 32, 10]", "optimizer.lr=0.1", "run.run_dir=a \"quoted\"\\dir\n",
                                  "run.steps=7", "cluster.workers=3"])
     path = tmp_path / "job.toml"
     path.write_text(config.to_toml(job), encoding="utf-8")

@@ -1,4 +1,5 @@
-"""`distmlp submit/status/logs/stop/jobs` against a real `ray start --head` on 127.0.0.1.
+"""`distmlp submit/status/logs/stop/jobs`, and `distmlp train --address HOST:PORT`, against a real
+`ray start --head` on 127.0.0.1.
 
 The head runs in its own session with its own temp dir and its own HOME (so its auth token
 is not the user's ~/.ray/auth_token); Ray is kept on loopback by
@@ -6,6 +7,7 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (else it swaps 127.0.0.1 for the machine's a
 Everything it started is ended by SIGTERM to `ray start --block`, then by process group.
 """
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,7 +18,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from typer.testing import CliRunner
 
 from distmlp import jobs_api
 from distmlp.cli import app
+from test_upload import EXPECTED, hostile_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,11 +46,12 @@ def clean_env(home):
     return env
 
 
-def wait_http(url, timeout_s, proc):
+def wait_http(url, timeout_s, proc, log):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
+            tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{tail}")
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
             return
@@ -59,16 +62,15 @@ def wait_http(url, timeout_s, proc):
     raise TimeoutError(f"{url} did not come up in {timeout_s} s")
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A real Ray head with the dashboard (Jobs API) on 127.0.0.1 and token auth on."""
-    home = tmp_path_factory.mktemp("home")
+@contextlib.contextmanager
+def ray_head(home, temp_dir):
+    """A real Ray head with the dashboard (Jobs API) on 127.0.0.1 and token auth on (a token in
+    home/.ray/auth_token), yielded once its dashboard answers."""
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-    temp_dir = tmp_path_factory.mktemp("ray")
     env = clean_env(home)
-    dashboard = free_port()
-    ports = {"--port": free_port(), "--dashboard-port": dashboard,
+    dashboard, gcs = free_port(), free_port()
+    ports = {"--port": gcs, "--dashboard-port": dashboard,
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
              "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
              "--ray-client-server-port": free_port()}
@@ -81,8 +83,8 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_http(url, 90, proc)
-        yield {"url": url, "env": env, "home": home}
+        wait_http(url, 90, proc, log.name)
+        yield {"url": url, "env": env, "home": home, "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
     finally:
         proc.send_signal(signal.SIGTERM)  # --block: ray start stops what it started
         try:
@@ -96,11 +98,18 @@ def head(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    with ray_head(tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ray")) as started:
+        yield started
+
+
 def distmlp(head, *args, timeout=180, env=None, cwd=ROOT):
     return subprocess.run([str(BIN / "distmlp"), *args], env=env or head["env"], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_quickstart_succeeds_and_its_logs_end_with_the_summary(head):
     r = distmlp(head, "submit", str(QUICKSTART), "--address", head["url"], "--wait", "--json")
     assert r.returncode == 0, r.stderr
@@ -130,6 +139,7 @@ def test_quickstart_succeeds_and_its_logs_end_with_the_summary(head):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_failing_job_is_failed_and_exits_nonzero(head):
     # a batch larger than the 8,000 training digits passes the job file check, fails on the cluster
     r = distmlp(head, "submit", str(QUICKSTART), "-a", head["url"], "--set", "optimizer.batch_size=9000",
@@ -140,6 +150,7 @@ def test_failing_job_is_failed_and_exits_nonzero(head):
     assert r.stdout.strip().endswith("job failed")
 
 
+@pytest.mark.slow
 def test_running_job_can_be_stopped(head):
     r = distmlp(head, "submit", str(QUICKSTART), "-a", head["url"], "--set", "run.epochs=200")
     assert r.returncode == 0, r.stderr
@@ -158,6 +169,7 @@ def test_running_job_can_be_stopped(head):
     assert follow.returncode == 1 and "job stopped" in follow.stderr
 
 
+@pytest.mark.slow
 def test_client_without_the_token_gets_one_line_help(head, tmp_path):
     r = distmlp(head, "jobs", "-a", head["url"], env=clean_env(tmp_path))  # a HOME without a token
     assert r.returncode == 2
@@ -165,6 +177,7 @@ def test_client_without_the_token_gets_one_line_help(head, tmp_path):
     assert "requires a Ray auth token" in r.stderr and "~/.ray/auth_token" in r.stderr
 
 
+@pytest.mark.slow
 def test_token_from_env_var_works_and_a_wrong_one_is_rejected(head, tmp_path):
     token = (head["home"] / ".ray" / "auth_token").read_text()
     ok = distmlp(head, "jobs", "-a", head["url"], env={**clean_env(tmp_path), "RAY_AUTH_TOKEN": token})
@@ -173,6 +186,7 @@ def test_token_from_env_var_works_and_a_wrong_one_is_rejected(head, tmp_path):
     assert bad.returncode == 2 and "rejected the Ray auth token" in bad.stderr
 
 
+@pytest.mark.slow
 def test_unknown_job_id_and_unreachable_address_are_one_line_errors(head):
     r = distmlp(head, "status", "no-such-job", "-a", head["url"])
     assert r.returncode == 2 and "no-such-job does not exist" in r.stderr and "Traceback" not in r.stderr
@@ -180,7 +194,70 @@ def test_unknown_job_id_and_unreachable_address_are_one_line_errors(head):
     assert r.returncode == 2 and "cannot reach the Ray Jobs API" in r.stderr
 
 
-# ---- no cluster needed: parsing, safety checks, packaging ----
+def unpacked_working_dirs(head):
+    """The working directories Ray unpacked for this head's jobs."""
+    return {p for p in head["temp_dir"].glob("session_2*/runtime_resources/working_dir_files/*") if p.is_dir()}
+
+
+def tree(root):
+    """Relative paths below root, as upload_plan lists them (empty directories end with /)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        found += [(rel / name).as_posix() for name in filenames]
+        if not dirnames and not filenames and dirpath != str(root):
+            found.append(rel.as_posix() + "/")
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_a_workdir_reaches_the_job_without_secrets_venvs_runs_or_outside_symlinks(head, tmp_path):
+    root = hostile_tree(tmp_path)
+    before = unpacked_working_dirs(head)
+    r = distmlp(head, "submit", "job.toml", "--workdir", ".", "-a", head["url"], "--wait", "--json", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "SUCCEEDED"
+    assert f"({len(EXPECTED)} file(s)," in r.stderr
+    new = unpacked_working_dirs(head) - before
+    assert len(new) == 1, sorted(map(str, new))
+    [job_dir] = new  # what the job saw as its working directory
+    assert tree(job_dir) == EXPECTED
+    assert (job_dir / "pkg" / "link_in").read_text() == "x = 1\n" and not (job_dir / "pkg" / "link_in").is_symlink()
+
+
+@pytest.mark.slow
+def test_submit_right_after_ray_start_waits_for_the_job_agent(tmp_path_factory):
+    with ray_head(tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ray")) as fresh:
+        r = distmlp(fresh, "submit", str(QUICKSTART), "-a", fresh["url"], "--set", "run.steps=3", "--wait", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "SUCCEEDED"
+    assert r.stderr.count("waiting up to 60 s for the head's job agent") <= 1
+    assert "No available agent" not in r.stderr
+
+
+# ---- `distmlp train --address HOST:PORT` joins a `ray start --head` with token auth ----
+
+@pytest.mark.slow
+def test_train_joins_the_head_with_the_token_from_home(head, tmp_path):
+    r = distmlp(head, "train", "--address", head["gcs"], "--steps", "3", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["workers"] == 2
+
+
+@pytest.mark.slow
+def test_train_with_a_wrong_or_missing_token_says_so_in_one_line(head, tmp_path):
+    wrong = distmlp(head, "train", "--address", head["gcs"], "--steps", "3", cwd=tmp_path,
+                    env={**head["env"], "RAY_AUTH_TOKEN": "0" * 64})
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "rejected the Ray auth token" in wrong.stderr and "RAY_AUTH_TOKEN" in wrong.stderr
+    missing = distmlp(head, "train", "--address", head["gcs"], "--steps", "3", cwd=tmp_path, env=clean_env(tmp_path))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "requires a Ray auth token and none was found" in missing.stderr and "~/.ray/auth_token" in missing.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- no cluster needed: parsing, safety checks ----
 
 runner = CliRunner()
 
@@ -229,14 +306,24 @@ def test_every_command_has_an_example_in_its_help():
 
 
 def test_check_safe_rules():
-    jobs_api.check_safe("http://127.0.0.1:8265", {})
-    jobs_api.check_safe("http://localhost:8265", {})
-    jobs_api.check_safe("http://[::1]:8265", {})
-    jobs_api.check_safe("http://192.0.2.7:8265", {"authorization": "Bearer x"})
-    jobs_api.check_safe("http://192.0.2.7:8265", {}, insecure=True)
-    jobs_api.check_safe("https://ray.example.org", {})
-    with pytest.raises(jobs_api.JobsError, match="CVE|refusing"):
-        jobs_api.check_safe("http://ray.example.org:8265", {})
+    for url in ("http://127.0.0.1:8265", "http://127.8.9.10:8265", "http://localhost:8265", "http://[::1]:8265",
+                "https://ray.example.org", "https://192.0.2.7:8265"):
+        jobs_api.check_safe(url)
+    for url in ("http://192.0.2.7:8265", "http://ray.example.org:8265", "http://[2001:db8::1]:8265",
+                "http://localhost.example.org:8265", "http://0.0.0.0:8265"):
+        jobs_api.check_safe(url, insecure=True)
+        with pytest.raises(jobs_api.JobsError, match="refusing plain http") as e:
+            jobs_api.check_safe(url)
+        assert "\n" not in str(e.value) and url in str(e.value)
+
+
+def test_a_token_does_not_make_plain_http_to_another_machine_acceptable(no_network, tmp_path):
+    token = tmp_path / "tok"
+    token.write_text("c" * 64)
+    for env in ({"RAY_AUTH_TOKEN": "c" * 64}, {"RAY_AUTH_TOKEN_PATH": str(token)}):
+        r = runner.invoke(app, ["jobs", "--address", "http://192.0.2.77:8265"], env=env)
+        assert r.exit_code == 2
+        assert "refusing plain http" in r.output and "--insecure" in r.output
 
 
 def test_auth_headers_follow_rays_token_sources(monkeypatch, tmp_path):
@@ -257,41 +344,10 @@ def test_auth_headers_follow_rays_token_sources(monkeypatch, tmp_path):
     assert jobs_api.auth_headers() == {"authorization": "Bearer " + "b" * 64}
 
 
-def make_tree(root, files):
-    for rel, size in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(size))
-
-
-def test_package_job_only_and_with_a_filtered_workdir(tmp_path):
-    work = tmp_path / "proj"
-    make_tree(work, {"jobs/a.toml": 10, "notes.md": 10, "data/big.bin": 100, "runs/x/m.json": 10,
-                     ".git/HEAD": 10, "pkg/__pycache__/m.pyc": 10, ".venv/bin/python": 10, "pkg/m.py": 10})
-    job = work / "jobs" / "a.toml"
-    job.write_text('[run]\nname = "a"\n')
-
-    only = jobs_api.package(job, ["run.steps=3"], out_dir=tmp_path)
-    assert zipfile.ZipFile(only.zip_path).namelist() == ["a.toml"]
-    assert only.entrypoint == "distmlp train a.toml --address auto --json --set run.steps=3"
-    in_home = jobs_api.package(job, out_dir=tmp_path, home_run_dir="distmlp-runs/a b")
-    assert in_home.entrypoint == """distmlp train a.toml --address auto --json --run-dir "$HOME"/'distmlp-runs/a b'"""
-
-    full = jobs_api.package(job, workdir=work, out_dir=tmp_path)
-    assert sorted(zipfile.ZipFile(full.zip_path).namelist()) == ["jobs/a.toml", "notes.md", "pkg/m.py"]
-    assert full.entrypoint == "distmlp train jobs/a.toml --address auto --json"
-
-    outside = tmp_path / "b.toml"
-    outside.write_text("")
-    names = zipfile.ZipFile(jobs_api.package(outside, workdir=work, out_dir=tmp_path).zip_path).namelist()
-    assert "b.toml" in names and "pkg/m.py" in names
-
-
-def test_package_over_the_limit_says_so_in_one_line(tmp_path):
-    make_tree(tmp_path / "proj", {"weights.bin": 50_000})
-    job = tmp_path / "proj" / "a.toml"
-    job.write_text("")
-    with pytest.raises(jobs_api.JobsError) as e:
-        jobs_api.package(job, workdir=tmp_path / "proj", out_dir=tmp_path, limit=10_000)
-    assert "over Ray's limit" in str(e.value) and "\n" not in str(e.value)
-    assert jobs_api.upload_limit() == 512 * 2**20
+def test_rays_package_size_error_becomes_one_line():
+    text = ("Request failed with status code 500: Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+            "ValueError: Package size (600.00MiB) exceeds the maximum size of 512.00MiB. To exclude large files, "
+            "add them to '.gitignore' or '.rayignore' files.")
+    message = str(jobs_api._explain(RuntimeError(text), "http://127.0.0.1:8265"))
+    assert message.startswith("http://127.0.0.1:8265: Package size (600.00MiB) exceeds the maximum size of 512.00MiB")
+    assert "\n" not in message and "Traceback" not in message and "--dry-run" in message

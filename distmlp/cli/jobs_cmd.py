@@ -13,8 +13,9 @@ from distmlp.cli import app, user_errors
 Opt = typer.Option
 Address = Annotated[Optional[str], Opt("--address", "-a", help="The cluster's Jobs API, http://HOST:8265 "
                                        "(default: $RAY_ADDRESS).", show_default=False)]
-Insecure = Annotated[bool, Opt("--insecure", help="Allow plain http to a non-loopback address without a "
-                               "Ray auth token (anyone who reaches it can run code).")]
+Insecure = Annotated[bool, Opt("--insecure", help="Allow plain http to a non-loopback address (the Ray "
+                               "auth token crosses the network in clear text; without one anyone who "
+                               "reaches it can run code).")]
 AsJson = Annotated[bool, Opt("--json", help="Print one JSON object on stdout (human output to stderr).")]
 JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The id `distmlp submit` printed.")]
 
@@ -36,10 +37,14 @@ def submit(
     address: Address = None,
     set_: Annotated[Optional[list[str]], Opt("--set", help="Override a job key: section.key=value "
                                              "(repeatable).")] = None,
-    workdir: Annotated[Optional[str], Opt("--workdir", help="Also upload this directory (without data, "
-                                          "runs, caches, .git, virtualenvs) for files the job refers to.")] = None,
+    workdir: Annotated[Optional[str], Opt("--workdir", help="Upload this directory, which holds the job "
+                                          "file, as the job's working directory, without dotfiles (.env, "
+                                          ".git, .aws, ...), virtualenvs, runs/, data/, caches, what its "
+                                          ".gitignore or .rayignore lists, and symlinks out of it.")] = None,
     wait: Annotated[bool, Opt("--wait", help="Follow the logs until the job ends; exit 1 unless it "
                               "succeeded.")] = False,
+    dry_run: Annotated[bool, Opt("--dry-run", help="List the files that would be uploaded and the "
+                                 "command the job would run; contact no cluster.")] = False,
     as_json: AsJson = False,
     insecure: Insecure = False,
 ):
@@ -47,15 +52,20 @@ def submit(
 
     Runs `distmlp train JOB.toml --address auto --json` on the cluster (distmlp must be
     installed there; see cluster.yaml). The run directory is ~/distmlp-runs/JOB_ID on the
-    head unless the job sets run.run_dir.
+    head unless the job sets run.run_dir. Just after `ray start --head` it waits up to 60 s
+    for the head's job agent.
 
     Example: distmlp submit jobs/quickstart.toml --address http://127.0.0.1:8265 --wait
     """
     config.load_job(job_file, set_ or ())  # a bad job file or --set fails before any network call
+    if dry_run:
+        show_upload(job_file, set_ or (), workdir, as_json)
+        return
     client = jobs_api.connect(address, insecure)
-    job_id, pkg = jobs_api.submit(client, job_file, set_ or (), workdir)
+    job_id, upload = jobs_api.submit(client, job_file, set_ or (), workdir)
     echo = echo_err if as_json else typer.echo
-    echo(f"submitted {job_id} to {client.get_address()} ({pkg.files} file(s), {pkg.size / 1024:.1f} KiB)")
+    echo(f"submitted {job_id} to {client.get_address()} ({len(upload.files)} file(s), "
+         f"{upload.size / 1024:.1f} KiB)")
     code = 0
     state = None
     if wait:
@@ -70,6 +80,22 @@ def submit(
     elif not wait:
         typer.echo(job_id)
     raise typer.Exit(code)
+
+
+def show_upload(job_file, overrides, workdir, as_json):
+    """Print what `submit` would upload and run, without contacting a cluster."""
+    _, _, home_run_dir = jobs_api.plan(job_file, overrides)
+    with jobs_api.prepare(job_file, overrides, workdir, home_run_dir) as upload:
+        if as_json:
+            typer.echo(json.dumps({"workdir": upload.working_dir if workdir is not None else None,
+                                   "files": list(upload.files), "size": upload.size,
+                                   "excludes": list(upload.excludes), "entrypoint": upload.entrypoint}))
+            return
+        source = upload.working_dir if workdir is not None else f"the job file {job_file} alone"
+        typer.echo(f"would upload {len(upload.files)} file(s), {upload.size / 1024:.1f} KiB, from {source}:")
+        for name in upload.files:
+            typer.echo(f"  {name}")
+        typer.echo(f"and run: {upload.entrypoint}")
 
 
 @app.command()
