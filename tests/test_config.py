@@ -64,6 +64,8 @@ BAD_OVERRIDES = [
     ("cluster.cpus_per_worker=0", ["cluster.cpus_per_worker", "> 0"]),
     ("cluster.max_failures=-2", ["cluster.max_failures", ">= -1"]),
     ("cluster.step_timeout_s=0", ["cluster.step_timeout_s", "> 0"]),
+    ("cluster.replace_timeout_s=0", ["cluster.replace_timeout_s", "> 0"]),
+    ("cluster.min_workers=5", ["cluster.min_workers: 5", "between 1 and cluster.workers (2)"]),
     ("cluster.transport=fast", ["cluster.transport", "auto, actors, mesh"]),
     ("cluster.transport=compiled", ["cluster.transport: 'compiled' is not allowed; allowed: auto, actors, mesh"]),
     ("optimizer.foo=1", ["optimizer.foo", "unknown key", "name, lr, batch_size, sampling, momentum"]),
