@@ -27,8 +27,10 @@ from distmlp import config, connect, data, trainer, transport  # noqa: E402
 
 MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
-FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300}
-QUICK = {"n_train": 2000, "n_test": 400, "steps": 40, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 64}
+FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300,
+        "cli_steps": (1000, 11000), "cli_epochs": (10, 60), "cli_rounds": 5}
+QUICK = {"n_train": 2000, "n_test": 400, "steps": 40, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 64,
+         "cli_steps": (20, 60), "cli_epochs": (2, 4), "cli_rounds": 1}
 
 
 def write_idx(directory, name, array, magic):
@@ -268,6 +270,63 @@ def seed_loop(source, p, rows, fast_step_s, local_step_s):
                  f"{steps} steps x median step; {seed_epoch / (fast_step_s * steps):,.0f}x faster (target 4: >= 500x)"))
     rows.append(("", "single-process NumPy", f"{local_step_s * steps:.2f} s",
                  f"{seed_epoch / (local_step_s * steps):,.0f}x faster"))
+    return seed_epoch
+
+
+def cli_run(args, run_dir):
+    """(wall seconds from outside, median step_s of the run's metrics.jsonl) of `distmlp train ARGS`,
+    a subprocess with its own embedded Ray, as a user runs it."""
+    import json
+    import subprocess
+    cmd = [str(Path(sys.executable).with_name("distmlp")), "train", *args, "--run-dir", str(run_dir), "--json"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=os.environ | {"RAY_ADDRESS": "local"})
+    wall = time.perf_counter() - t0
+    with open(run_dir / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step_s"] for line in f]
+    return wall, statistics.median(steps[len(steps) // 10:])
+
+
+def end_to_end(data_dir, p, rows, seed_epoch_s):
+    """Issue 15: the step a user sees, the CLI from outside: the difference of a short and a long
+    run divided by the difference in steps (start-up cancels out), next to the median step
+    recorded inside the loop (metrics.jsonl) of the long run."""
+    tmp = Path(tempfile.mkdtemp(prefix="distmlp-e2e-"))
+    runs = iter(range(10**6))
+    short, long_ = p["cli_steps"]
+    mini = ["--data", str(data_dir), "--optimizer", "minibatch", "--batch-size", "32", "--workers", "2",
+            "--lr", "0.05", "--set", "run.eval_every=250", "--set", "cluster.cpus_per_worker=0.5"]
+    outside, inside = [], []
+    for _ in range(p["cli_rounds"]):
+        a, _ = cli_run([*mini, "--steps", str(short)], tmp / str(next(runs)))
+        b, median = cli_run([*mini, "--steps", str(long_)], tmp / str(next(runs)))
+        outside.append((b - a) / (long_ - short))
+        inside.append(median)
+    per_step, median = statistics.median(outside), statistics.median(inside)
+    rows.append(("end to end (CLI, minibatch 32, 2 workers)", "from outside: (long - short run) / steps",
+                 f"{per_step * 1e6:,.0f} us/step", f"{short} and {long_} steps, eval every 250, checkpoint at the end"))
+    rows.append(("", "inside: median step_s of metrics.jsonl", f"{median * 1e6:,.0f} us/step",
+                 f"outside / inside {per_step / median:.2f}x (target: <= 1.25x)"))
+    epoch = per_step * (60000 // 32)
+    rows.append(("", "one minibatch epoch of 60,000, end to end", f"{epoch:.2f} s",
+                 f"{seed_epoch_s / epoch:,.0f}x faster than the seed's loop (target: >= 500x)"))
+    short, long_ = p["cli_epochs"]
+    epochs = {1: [], 2: []}
+    for _ in range(p["cli_rounds"]):  # interleaved: 1 worker, 2 workers, 1, 2, ...
+        for workers in (1, 2):
+            gd = ["--data", str(data_dir), "--optimizer", "gd", "--workers", str(workers), "--lr", "0.05",
+                  "--set", "cluster.cpus_per_worker=0.5"]
+            a, _ = cli_run([*gd, "--steps", str(short)], tmp / str(next(runs)))
+            b, _ = cli_run([*gd, "--steps", str(long_)], tmp / str(next(runs)))
+            epochs[workers].append((b - a) / (long_ - short))
+    ratios = sorted(one / two for one, two in zip(epochs[1], epochs[2]))
+    for workers, values in epochs.items():
+        rows.append(("end to end (CLI, gd epoch)", f"{workers} worker(s), from outside", f"{statistics.median(values):.3f} s/epoch",
+                     f"{short} and {long_} epochs; rounds {', '.join(f'{v:.3f}' for v in values)}"))
+    rows.append(("", "speed-up 2 workers vs 1, end to end", f"{statistics.median(ratios):.2f}x",
+                 f"median of {len(ratios)} interleaved rounds, spread {ratios[0]:.2f}-{ratios[-1]:.2f}x (target: >= 1.8x)"))
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_table(rows, header):
@@ -293,9 +352,10 @@ def main(argv=None):
             rows = []
             fast_s, local_s = minibatch_steps(source, p, rows)
             gd_epochs(source, p, rows)
-            seed_loop(source, p, rows, fast_s, local_s)
+            seed_epoch_s = seed_loop(source, p, rows, fast_s, local_s)
         finally:
             ray.shutdown()
+        end_to_end(Path(tmp), p, rows, seed_epoch_s)
     load_end = os.getloadavg()[0]
     print(f"\ndistmlp benchmarks | {time.strftime('%Y-%m-%d')} | {platform.node()} | {platform.processor() or platform.machine()}"
           f" | {os.cpu_count()} cores | Python {sys.version.split()[0]} | {'quick' if args.quick else 'full'}"

@@ -225,23 +225,25 @@ def _escape(rel):
     return re.sub(r"([\\\[\]*?!# ])", r"\\\1", rel)
 
 
-def entrypoint(job_name, overrides=(), home_run_dir=None):
-    """`distmlp train JOB --address auto --json [--set k=v ...] [--run-dir "$HOME"/DIR]`.
+def entrypoint(job_name, overrides=(), home_run_dir=None, sweep_args=None):
+    """`distmlp train JOB --address auto --json [--set k=v ...] [--run-dir "$HOME"/DIR]`, or
+    `distmlp sweep ... SWEEP_ARGS [--sweep-dir "$HOME"/DIR]` when sweep_args is a list.
 
     home_run_dir is relative to $HOME on the cluster's driver node, so the run outlives the
     job's temporary working directory.
     """
-    args = ["distmlp", "train", job_name, "--address", "auto", "--json"]
+    command = "train" if sweep_args is None else "sweep"
+    args = ["distmlp", command, job_name, "--address", "auto", "--json", *(sweep_args or ())]
     for o in overrides:
         args += ["--set", o]
-    command = shlex.join(args)
+    line = shlex.join(args)
     if home_run_dir is not None:
-        command += ' --run-dir "$HOME"/' + shlex.quote(home_run_dir)
-    return command
+        line += f' --{"run" if sweep_args is None else "sweep"}-dir "$HOME"/' + shlex.quote(home_run_dir)
+    return line
 
 
 @contextlib.contextmanager
-def prepare(job_path, overrides=(), workdir=None, home_run_dir=None):
+def prepare(job_path, overrides=(), workdir=None, home_run_dir=None, sweep_args=None):
     """The Upload for a job file (and workdir, when given), valid inside the with block.
 
     Without workdir the upload is a temporary directory holding a copy of the job file; with
@@ -254,7 +256,7 @@ def prepare(job_path, overrides=(), workdir=None, home_run_dir=None):
         with tempfile.TemporaryDirectory(prefix="distmlp-submit-") as tmp:
             shutil.copyfile(job_path, os.path.join(tmp, job_path.name))
             yield Upload(tmp, (), (job_path.name,), job_path.stat().st_size,
-                         entrypoint(job_path.name, overrides, home_run_dir))
+                         entrypoint(job_path.name, overrides, home_run_dir, sweep_args))
         return
     root = Path(workdir).resolve()
     if not root.is_dir():
@@ -266,7 +268,7 @@ def prepare(job_path, overrides=(), workdir=None, home_run_dir=None):
                         "its upload (dotfiles, .gitignore, .rayignore, runs/, data/); "
                         "`distmlp submit JOB --workdir DIR --dry-run` lists what is uploaded")
     size = sum((root / f).stat().st_size for f in files if not f.endswith("/"))
-    yield Upload(str(root), excludes, files, size, entrypoint(job_name, overrides, home_run_dir))
+    yield Upload(str(root), excludes, files, size, entrypoint(job_name, overrides, home_run_dir, sweep_args))
 
 
 def submission_id(job, now=None):
@@ -280,20 +282,25 @@ RUNS_HOME = "distmlp-runs"  # under $HOME on the driver node, when the job sets 
 
 
 def plan(job_path, overrides=()):
-    """(job config, submission id, run directory under $HOME or None) for a job about to go."""
+    """(job config, submission id, run directory under $HOME or None) for a job about to go
+    (overrides: the fixed ones; a sweep's search spaces are checked by distmlp.sweep)."""
     job = config.load_job(job_path, overrides)
     sid = submission_id(job)
     return job, sid, None if job.run.run_dir else f"{RUNS_HOME}/{sid}"
 
 
-def submit(client, job_path, overrides=(), workdir=None):
+def submit(client, job_path, overrides=(), workdir=None, sweep_args=None, fixed=None):
     """Validate the job locally, upload it and start it; returns (job id, Upload).
 
     Unless the job sets run.run_dir, the run goes to ~/distmlp-runs/<job id> on the node
-    that runs the driver (the head, for jobs submitted to it).
+    that runs the driver (the head, for jobs submitted to it). With sweep_args (a list) the job
+    runs `distmlp sweep` instead, its directory there; fixed: the overrides that are not
+    search spaces.
     """
-    job, sid, home_run_dir = plan(job_path, overrides)
-    with prepare(job_path, overrides, workdir, home_run_dir) as upload:
+    job, sid, home_run_dir = plan(job_path, overrides if fixed is None else fixed)
+    if sweep_args is not None and job.run.run_dir:
+        home_run_dir = None
+    with prepare(job_path, overrides, workdir, home_run_dir, sweep_args) as upload:
         def send():
             return client.submit_job(
                 entrypoint=upload.entrypoint,

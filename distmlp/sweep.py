@@ -161,9 +161,10 @@ def evaluations(job, n_train):
     return math.ceil(trainer.total_steps(job, trainer.make_sampler(job, n_train)) / job.run.eval_every)
 
 
-def check(base, spaces, workers):
-    """Build the job with every representative value of every space (data set included);
-    returns the most evaluations any of them makes (ASHA's max_t)."""
+def check(base, spaces, workers, with_data=True):
+    """Build the job with every representative value of every space (data set included unless
+    with_data is False: a sweep submitted to a cluster uses the cluster's data); returns the most
+    evaluations any of them makes (ASHA's max_t), 0 without the data."""
     if base.run.eval_every == 0:
         raise SweepError("run.eval_every is 0: a trial would be evaluated once, at its end, and ASHA "
                          "needs its evaluations to compare trials (e.g. --set run.eval_every=50)")
@@ -172,6 +173,8 @@ def check(base, spaces, workers):
     for space, values in cases:
         try:
             job = trial_job(base, values, workers)
+            if not with_data:
+                continue
             where = (job.data.dataset, job.data.path)
             if where not in sources:
                 sources[where] = data.resolve(*where)

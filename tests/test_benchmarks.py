@@ -17,7 +17,8 @@ def test_quick_benchmark_runs_and_prints_the_table():
     assert "comparison" in out and "median" in out
     for row in ("single-process NumPy", "Ray, actor calls", "Ray, shared-memory mesh",
                 "speed-up 2 workers vs 1", "2 workers / 1 worker", "seed per-example loop (extrapolated)",
-                "PyTorch"):
+                "PyTorch", "from outside: (long - short run) / steps", "inside: median step_s of metrics.jsonl",
+                "one minibatch epoch of 60,000, end to end", "speed-up 2 workers vs 1, end to end"):
         assert row in out, row
     assert "us/step" in out and "s/epoch" in out and "RSS" in out
     if importlib.util.find_spec("torch") is not None:

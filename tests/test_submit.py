@@ -140,6 +140,30 @@ def test_quickstart_succeeds_and_its_logs_end_with_the_summary(head):
 
 
 @pytest.mark.slow
+def test_a_sweep_runs_on_the_cluster_through_submit(head):
+    """submit --sweep: the search spaces are checked here and searched by `distmlp sweep` on the head."""
+    r = distmlp(head, "submit", str(QUICKSTART), "-a", head["url"], "--sweep", "--samples", "2", "--wait", "--json",
+                "--set", "optimizer.lr=loguniform(0.01, 0.5)", "--set", "run.steps=100", "--set", "run.eval_every=50",
+                "--set", "cluster.workers=0", timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == "SUCCEEDED"
+    logs = distmlp(head, "logs", out["job_id"], "-a", head["url"])
+    summary = json.loads(logs.stdout.strip().splitlines()[-1])
+    assert summary["sweep_dir"] == str(head["home"] / "distmlp-runs" / out["job_id"])
+    assert summary["samples"] == 2 and len(summary["trials"]) == 2
+    assert summary["spaces"] == {"optimizer.lr": "loguniform(0.01, 0.5)"}
+    assert (head["home"] / "distmlp-runs" / out["job_id"] / "best.toml").is_file()
+
+
+def test_a_sweep_with_a_bad_space_fails_before_any_network_call(tmp_path):
+    r = subprocess.run([str(BIN / "distmlp"), "submit", str(QUICKSTART), "-a", "http://127.0.0.1:1", "--sweep",
+                        "--set", "optimizer.lr=loguniform(0, 1)"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: --set 'optimizer.lr=loguniform(0, 1)': "
+                                                      "loguniform needs 0 < low, got 0")
+
+
+@pytest.mark.slow
 def test_failing_job_is_failed_and_exits_nonzero(head):
     # a batch larger than the 8,000 training digits passes the job file check, fails on the cluster
     r = distmlp(head, "submit", str(QUICKSTART), "-a", head["url"], "--set", "optimizer.batch_size=9000",

@@ -45,6 +45,10 @@ def submit(
                               "succeeded.")] = False,
     dry_run: Annotated[bool, Opt("--dry-run", help="List the files that would be uploaded and the "
                                  "command the job would run; contact no cluster.")] = False,
+    sweep: Annotated[bool, Opt("--sweep", help="Run `distmlp sweep` on the cluster: --set values like "
+                               "optimizer.lr=loguniform(0.001, 1) are searched (see `distmlp sweep --help`).")] = False,
+    samples: Annotated[int, Opt("--samples", help="With --sweep: trials to sample.")] = 8,
+    metric: Annotated[str, Opt("--metric", help="With --sweep: test_accuracy or test_loss.")] = "test_accuracy",
     as_json: AsJson = False,
     insecure: Insecure = False,
 ):
@@ -57,12 +61,18 @@ def submit(
 
     Example: distmlp submit jobs/quickstart.toml --address http://127.0.0.1:8265 --wait
     """
-    config.load_job(job_file, set_ or ())  # a bad job file or --set fails before any network call
+    fixed, sweep_args = list(set_ or ()), None
+    if sweep:  # search spaces checked here, the data set on the cluster
+        from distmlp import sweep as sweeps
+        fixed, spaces = sweeps.parse_sets(set_ or ())
+        sweeps.check(config.load_job(job_file, fixed), spaces, 0, with_data=False)
+        sweep_args = ["--samples", str(samples), "--metric", metric]
+    config.load_job(job_file, fixed)  # a bad job file or --set fails before any network call
     if dry_run:
-        show_upload(job_file, set_ or (), workdir, as_json)
+        show_upload(job_file, set_ or (), workdir, as_json, sweep_args, fixed)
         return
     client = jobs_api.connect(address, insecure)
-    job_id, upload = jobs_api.submit(client, job_file, set_ or (), workdir)
+    job_id, upload = jobs_api.submit(client, job_file, set_ or (), workdir, sweep_args, fixed)
     echo = echo_err if as_json else typer.echo
     echo(f"submitted {job_id} to {client.get_address()} ({len(upload.files)} file(s), "
          f"{upload.size / 1024:.1f} KiB)")
@@ -82,10 +92,10 @@ def submit(
     raise typer.Exit(code)
 
 
-def show_upload(job_file, overrides, workdir, as_json):
+def show_upload(job_file, overrides, workdir, as_json, sweep_args=None, fixed=None):
     """Print what `submit` would upload and run, without contacting a cluster."""
-    _, _, home_run_dir = jobs_api.plan(job_file, overrides)
-    with jobs_api.prepare(job_file, overrides, workdir, home_run_dir) as upload:
+    _, _, home_run_dir = jobs_api.plan(job_file, overrides if fixed is None else fixed)
+    with jobs_api.prepare(job_file, overrides, workdir, home_run_dir, sweep_args) as upload:
         if as_json:
             typer.echo(json.dumps({"workdir": upload.working_dir if workdir is not None else None,
                                    "files": list(upload.files), "size": upload.size,
