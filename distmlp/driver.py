@@ -365,8 +365,7 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None):
         with open(os.path.join(run_dir, "job.toml"), "w") as f:
             f.write(config.to_toml(job))
         ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
-        hooks = [metrics.Progress(job.run.log_every, quiet=json_mode, echo=echo),
-                 metrics.MetricsWriter(run_dir), ckpt_hook]
+        hooks = metrics.run_hooks(job, run_dir, ckpt_hook, quiet=json_mode, echo=echo)
         try:
             state = trainer.train(job, backend, state, hooks)
         except (WorkerFailure, trainer.DivergenceError) as e:
@@ -380,4 +379,6 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None):
     return {"run_dir": run_dir, "checkpoint": ckpt_hook.last_path, "workers": job.cluster.workers,
             "optimizer": job.optimizer.name, "steps": state.step, "epochs": m.get("epoch"),
             "train_loss": m.get("train_loss"), "test_loss": m.get("test_loss"),
-            "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0}
+            "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0,
+            "examples_per_s": metrics.examples_per_s(hooks), "best_checkpoint": checkpoint.pointer(run_dir, "best"),
+            "dataset": job.data.dataset, "data_path": job.data.path}
