@@ -12,6 +12,7 @@ import math
 import os
 import time
 
+import orjson
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -37,6 +38,8 @@ SCHEMA = pa.schema([
     ("comm_s", pa.float64()),
 ])
 INTEGER_FIELDS = {f.name for f in SCHEMA if pa.types.is_integer(f.type)}
+# one record a line; NaN and infinities become null; NumPy scalars are numbers
+JSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
 
 
 class MetricsError(UserError):
@@ -61,7 +64,8 @@ def _check_record(path, lineno, record):
         raise MetricsError(f"{path}: line {lineno}: not a step record (an object with an integer \"step\")")
     for name in SCHEMA.names:
         value = record.get(name)
-        ok = value is None or _is_int(value) or (name not in INTEGER_FIELDS and isinstance(value, float))
+        ok = value is None or (_is_int(value) and -2**63 <= value < 2**63) or (
+            name not in INTEGER_FIELDS and isinstance(value, float))
         if not ok:
             raise MetricsError(f"{path}: line {lineno}: {name} is {value!r}, not a number")
 
@@ -86,10 +90,6 @@ def read_jsonl(path):
         _check_record(path, lineno, record)
         records.append(record)
     return records
-
-
-def _json_value(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class BufferedHook:
@@ -151,11 +151,11 @@ class MetricsWriter(BufferedHook):
     def on_start(self, state, info):
         os.makedirs(self.run_dir, exist_ok=True)
         old = read_jsonl(self.jsonl_path) if os.path.exists(self.jsonl_path) else []
-        kept = [r for r in old if r["step"] <= state.step]
+        kept = [{k: r[k] for k in SCHEMA.names if k in r} for r in old if r["step"] <= state.step]
         offset = (kept[-1].get("wall_s") or 0.0) if kept else 0.0
         self._t0 = time.perf_counter() - offset
         fsutil.atomic_write(self.jsonl_path, lambda tmp: self._write_lines(tmp, kept))
-        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        self._file = open(self.jsonl_path, "ab")
 
     def row(self, record):
         return {**record, "wall_s": time.perf_counter() - self._t0}
@@ -164,7 +164,7 @@ class MetricsWriter(BufferedHook):
         return self.checkpoint_every > 0 and record["step"] % self.checkpoint_every == 0
 
     def write(self, rows):
-        self._file.write("".join(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n" for r in rows))
+        self._file.write(b"".join(orjson.dumps(r, option=JSON_OPTIONS) for r in rows))
         self._file.flush()
 
     def on_end(self, state, record):
@@ -181,8 +181,8 @@ class MetricsWriter(BufferedHook):
 
     @staticmethod
     def _write_lines(path, records):
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        with open(path, "wb") as f:
+            f.writelines(orjson.dumps(r, option=JSON_OPTIONS) for r in records)
 
 
 def run_hooks(job, run_dir, checkpoint_hook, quiet=False, echo=print):

@@ -1,7 +1,8 @@
 """Experiment tracking: TensorBoard event files in the run directory, and MLflow (run.mlflow_uri).
 
 Both are training-loop hooks that buffer step records and write them in batches
-(metrics.BufferedHook), and both log the same scalars by step (see scalars).
+(metrics.BufferedHook): train/loss, test/loss, test/accuracy, lr, perf/step_ms and
+perf/examples_per_s by step.
 """
 
 import contextlib
@@ -22,7 +23,7 @@ class TrackingError(UserError):
 
 
 def scalars(record, examples):
-    """{name: value} logged for one step record; examples: how many the step trained on."""
+    """{name: value} MLflow logs for one step record; examples: how many the step trained on."""
     out = {"train/loss": record["train_loss"], "lr": record["lr"], "perf/step_ms": 1000 * record["step_s"]}
     if record["step_s"] > 0:
         out["perf/examples_per_s"] = examples / record["step_s"]
@@ -39,19 +40,21 @@ def job_params(job):
 
 
 class ScalarHook(BufferedHook):
-    """A BufferedHook whose rows are (step, wall time, scalars(record))."""
+    """A BufferedHook whose rows are (wall time, record, examples the step trained on)."""
 
     def on_start(self, state, info):
         self._samples = state.samples_seen
 
     def row(self, record):
         examples, self._samples = record["samples_seen"] - self._samples, record["samples_seen"]
-        return record["step"], time.time(), scalars(record, examples)
+        return time.time(), record, examples
 
 
 class TensorBoardHook(ScalarHook):
     """Scalars by step in an event file in RUN_DIR (`tensorboard --logdir runs/`), and the job as
-    text. A resumed run hides the events after its resumed step (TensorBoard's purge)."""
+    text. Losses are logged at every step; lr, perf/step_ms and perf/examples_per_s once per
+    write (every flush_s seconds), over the steps written, at the last of them. A resumed run
+    hides the events after its resumed step (TensorBoard's purge)."""
 
     flush_s = 2.0
 
@@ -76,10 +79,21 @@ class TensorBoardHook(ScalarHook):
         self._writer.flush()
 
     def write(self, rows):
-        for step, wall, values in rows:
-            event = self._Event(wall_time=wall, step=step)
-            for tag, value in values.items():
-                event.summary.value.add(tag=tag, simple_value=value)
+        events = []
+        for wall, record, _ in rows:
+            event = self._Event(wall_time=wall, step=record["step"])
+            event.summary.value.add(tag="train/loss", simple_value=record["train_loss"])
+            if record.get("test_loss") is not None:
+                event.summary.value.add(tag="test/loss", simple_value=record["test_loss"])
+                event.summary.value.add(tag="test/accuracy", simple_value=record["test_accuracy"])
+            events.append(event)
+        step_s = sum(record["step_s"] for _, record, _ in rows)
+        values = events[-1].summary.value
+        values.add(tag="lr", simple_value=rows[-1][1]["lr"])
+        values.add(tag="perf/step_ms", simple_value=1000 * step_s / len(rows))
+        if step_s > 0:
+            values.add(tag="perf/examples_per_s", simple_value=sum(n for _, _, n in rows) / step_s)
+        for event in events:
             self._writer.write_event(event)
         self._writer.flush()
 
@@ -136,8 +150,9 @@ class MlflowHook(ScalarHook):
     def write(self, rows):
         if self.run_id is None:
             return
-        metrics = [self._Metric(key, value, int(wall * 1000), step)
-                   for step, wall, values in rows for key, value in values.items() if math.isfinite(value)]
+        metrics = [self._Metric(key, value, int(wall * 1000), record["step"])
+                   for wall, record, examples in rows
+                   for key, value in scalars(record, examples).items() if math.isfinite(value)]
         self._guard(lambda: self._client.log_batch(self.run_id, metrics=metrics))
 
     def close(self):

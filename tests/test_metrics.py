@@ -119,6 +119,7 @@ HOSTILE = [  # (file, content, what the one-line error says)
     ("metrics.jsonl", [GOOD, '{"step": 2, "train_loss": "x"}'], "line 2: train_loss is 'x', not a number"),
     ("metrics.jsonl", [GOOD, '{"step": 2, "samples_seen": 1.5}'], "line 2: samples_seen is 1.5, not a number"),
     ("metrics.jsonl", [GOOD, '{"step": 2, "epoch": {"a": 1}}'], "line 2: epoch is {'a': 1}, not a number"),
+    ("metrics.jsonl", [GOOD, '{"step": 2, "samples_seen": %d}' % 2**64], f"line 2: samples_seen is {2**64}, not"),
     ("metrics.jsonl", ['{"step": 1' + "0" * 5000 + "}", GOOD], "line 1: not JSON"),
     ("metrics.jsonl", BINARY, "metrics.jsonl: line 1: not JSON"),
     ("metrics.parquet", BINARY, "metrics.parquet: not a readable metrics file"),

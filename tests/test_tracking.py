@@ -37,7 +37,9 @@ def test_tensorboard_scalars_by_step_match_the_records(tmp_path, backend):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     job, seen = small_job(), Records()
-    trainer.train(job, backend, hooks=[seen, tracking.TensorBoardHook(str(run_dir), job)])
+    hook = tracking.TensorBoardHook(str(run_dir), job)
+    hook.flush_s = 1e9  # one write, at the end
+    trainer.train(job, backend, hooks=[seen, hook])
     acc = read_events(run_dir)
     tags = set(acc.Tags()["scalars"])
     assert tags == {"train/loss", "lr", "perf/step_ms", "perf/examples_per_s", "test/loss", "test/accuracy"}
@@ -47,14 +49,28 @@ def test_tensorboard_scalars_by_step_match_the_records(tmp_path, backend):
     evaluated = [r for r in seen.records if "test_accuracy" in r]
     assert [(e.step, e.value) for e in acc.Scalars("test/accuracy")] == \
         [(r["step"], pytest.approx(r["test_accuracy"], rel=1e-6)) for r in evaluated]
-    assert [e.step for e in acc.Scalars("test/loss")] == [10, 20, 30]
-    assert [e.value for e in acc.Scalars("lr")] == pytest.approx([0.1] * 30)
-    assert [e.value for e in acc.Scalars("perf/step_ms")] == \
-        pytest.approx([1000 * r["step_s"] for r in seen.records], rel=1e-6)
-    assert [e.value for e in acc.Scalars("perf/examples_per_s")] == \
-        pytest.approx([32 / r["step_s"] for r in seen.records], rel=1e-6)
+    assert [(e.step, e.value) for e in acc.Scalars("test/loss")] == \
+        [(r["step"], pytest.approx(r["test_loss"], rel=1e-6)) for r in evaluated]
+    # once per write, over the steps written
+    step_s = sum(r["step_s"] for r in seen.records)
+    assert [(e.step, e.value) for e in acc.Scalars("lr")] == [(30, pytest.approx(0.1))]
+    assert [(e.step, e.value) for e in acc.Scalars("perf/step_ms")] == [(30, pytest.approx(1000 * step_s / 30))]
+    assert [(e.step, e.value) for e in acc.Scalars("perf/examples_per_s")] == \
+        [(30, pytest.approx(30 * 32 / step_s, rel=1e-6))]
     text = acc.Tensors("job/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "[optimizer]" in text and "lr = 0.1" in text
+
+
+def test_tensorboard_writing_every_step_logs_speed_at_every_step(tmp_path, backend):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    job, seen = small_job(steps=5, eval_every=0), Records()
+    hook = tracking.TensorBoardHook(str(run_dir), job)
+    hook.flush_s = 0.0
+    trainer.train(job, backend, hooks=[seen, hook])
+    acc = read_events(run_dir)
+    assert [(e.step, e.value) for e in acc.Scalars("perf/examples_per_s")] == \
+        [(r["step"], pytest.approx(32 / r["step_s"], rel=1e-6)) for r in seen.records]
 
 
 def test_tensorboard_resume_hides_the_steps_after_the_resumed_one(tmp_path, backend):
