@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from distmlp import config, data, metrics, trainer
+from distmlp import checkpoint, config, data, metrics, trainer
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,37 @@ def test_hostile_metrics_files_are_one_line_errors(tmp_path):
     for run_dir, line, (_, _, message) in zip(dirs, out, HOSTILE):
         assert line.startswith(run_dir) and message in line, (line, message)
         assert not (Path(run_dir) / "c.png").exists()
+
+
+KILLED_RUN = """
+import os, signal, sys
+from distmlp import checkpoint, config, data, metrics, trainer
+
+class KillAt(trainer.Hook):
+    def on_step(self, state, record):
+        if record["step"] == 13:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run_dir = sys.argv[1]
+metrics.MetricsWriter.flush_s = 1e9  # only checkpoint steps write: the worst case for a kill
+job = config.load_job(overrides=["run.steps=20", "run.checkpoint_every=5", "optimizer.lr=0.1"])
+ckpt = checkpoint.CheckpointHook(run_dir, job)
+hooks = metrics.run_hooks(job, run_dir, ckpt, quiet=True, echo=lambda line: None)
+trainer.train(job, trainer.LocalBackend(data.resolve(dataset="mnist-sample")), hooks=[*hooks, KillAt()])
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_keeps_its_records_up_to_the_last_checkpoint_and_resumes(tmp_path, backend):
+    """SIGKILL at step 13 (checkpoints every 5): metrics.jsonl has steps 1-10; resuming from the
+    step-10 checkpoint continues it to a complete file."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(run_dir)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert [r["step"] for r in metrics.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 11))
+    path, ckpt = checkpoint.latest_valid(run_dir)
+    assert ckpt.step == 10
+    state = checkpoint.to_train_state(ckpt)
+    trainer.train(ckpt.job, backend, state=state, hooks=[metrics.MetricsWriter(str(run_dir))])
+    assert metrics.load(str(run_dir)).column("step").to_pylist() == list(range(1, 21))
