@@ -23,7 +23,7 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the embedded Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from distmlp import config, data, driver, trainer  # noqa: E402
+from distmlp import config, connect, data, trainer, transport  # noqa: E402
 
 MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
@@ -76,7 +76,7 @@ def run_local(j, source):
 
 def run_ray(j, source, measure=None):
     """(step times, measure(backend) taken before the workers stop)."""
-    backend = driver.RayBackend(source, j)
+    backend = transport.start(source, j)
     try:
         times = StepTimes()
         trainer.train(j, backend, hooks=[times])
@@ -88,7 +88,7 @@ def run_ray(j, source, measure=None):
 def worker_memory(backend):
     """Summed RSS, PSS, USS and peak RSS of the worker processes in MB, from /proc (Linux)."""
     total = {"rss": 0, "pss": 0, "uss": 0, "peak": 0}
-    for info in backend.worker_info:
+    for info in backend.group.worker_info:
         kb = _proc_kb(info["pid"], "smaps_rollup") | _proc_kb(info["pid"], "status")
         total["rss"] += kb["Rss"]
         total["pss"] += kb["Pss"]
@@ -116,7 +116,6 @@ def minibatch_steps(source, p, rows):
     """Target 1: us per synchronous minibatch step (global batch 32), 2 workers."""
     candidates = {"single-process NumPy": lambda j: run_local(j, source),
                   "Ray, actor calls": lambda j: run_ray(config.replace(j, cluster={"transport": "actors", "workers": 2}), source)[0],
-                  "Ray, compiled graph + replicas": lambda j: run_ray(config.replace(j, cluster={"transport": "compiled", "workers": 2}), source)[0],
                   MESH: lambda j: run_ray(config.replace(j, cluster={"transport": "mesh", "workers": 2}), source)[0],
                   "Ray, shared-memory mesh, 1 worker": lambda j: run_ray(config.replace(j, cluster={"transport": "mesh", "workers": 1}), source)[0]}
     medians = {name: [] for name in candidates}
@@ -134,7 +133,6 @@ def minibatch_steps(source, p, rows):
                      f"compute {compute:,.0f} / comm {comm:,.0f} us"))
     med = {name: statistics.median(v) for name, v in medians.items()}
     actors = med["Ray, actor calls"]
-    rows.append(("", "speed-up compiled graph vs actor calls", f"{actors / med['Ray, compiled graph + replicas']:.1f}x", ""))
     rows.append(("", "speed-up mesh vs actor calls", f"{actors / med[MESH]:.1f}x",
                  f"target 1: <= 500 us/step; {'met' if med[MESH] <= 500 else 'not met'}"))
     rows.append(("", "mesh vs single-process NumPy", f"{med[MESH] / med['single-process NumPy']:.2f}x", "time ratio"))
@@ -223,7 +221,7 @@ def _plain_worker(source, rank, workers, steps, directory):
                          data.shard_bounds(source.test.count, workers)[rank])
     state = trainer.initial_state(j)
     request = {"gen": 0, "dir": directory, "workers": workers, "first": 0, "stop": steps, "lr": 0.05,
-               "momentum": 0.0, "sampler": ("gd", source.train.count, 32, "shuffle", 0), "timeout": 60.0,
+               "momentum": 0.0, "sampler": trainer.make_sampler(j, source.train.count), "timeout": 60.0,
                "round_s": 1e9}
     out = mesh.MeshWorker(worker).run((state.params, state.opt_state), request)
     return [record[3] for record in out["steps"]]
@@ -290,7 +288,7 @@ def main(argv=None):
     import ray
     with tempfile.TemporaryDirectory(prefix="distmlp-bench-") as tmp:
         source = synthetic_mnist(Path(tmp), p["n_train"], p["n_test"])
-        driver.connect(num_cpus=2)
+        connect.connect(num_cpus=2)
         try:
             rows = []
             fast_s, local_s = minibatch_steps(source, p, rows)

@@ -430,7 +430,7 @@ def resolve(path):
 # ------------------------------------------------------------------ the training loop
 
 
-class CheckpointHook:
+class CheckpointHook(trainer.Hook):
     """Saves into RUN_DIR/checkpoints every `every` steps (0: only at the end) and at the end."""
 
     def __init__(self, run_dir, job, every=None, keep_last=None):

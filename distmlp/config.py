@@ -25,7 +25,7 @@ SAMPLINGS = ("shuffle", "sample", "sequential")
 DTYPES = ("float32", "float64")
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 NONFINITE_POLICIES = ("stop", "skip")
-TRANSPORTS = ("auto", "actors", "compiled", "mesh")
+TRANSPORTS = ("auto", "actors", "mesh")
 CHECKPOINT_FORMATS = ("parquet",)
 
 # The seed notebook's learning rates.
@@ -85,17 +85,18 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    workers: int = 2  # worker actors, one shard each
+    workers: int = 2  # worker actors, one shard each (the most asked for); 0: in this process, without Ray
+    min_workers: int | None = None  # keep training on as few as this when workers are lost for good
+    # (None: cluster.workers, never fewer); the group grows back toward cluster.workers
     address: str | None = None  # None: embedded local Ray; "auto" or an address: join it
     placement: str = "SPREAD"  # placement-group strategy for the workers
     cpus_per_worker: float = 1.0  # CPUs each worker actor reserves
     max_failures: int = 3  # worker failures survived per run; -1 unlimited
     step_timeout_s: float = 60.0  # a step slower than this counts as a worker failure
-    # step transport: "actors" (weights out, gradients back every step), "compiled" (weight
-    # replicas and gradient factors through a Ray compiled graph; minibatch/sgd without
-    # momentum), "mesh" (workers on the driver's node sum each other's gradients through shared
-    # memory, many steps per call), "auto" (mesh when every worker is on the driver's node,
-    # else actors)
+    replace_timeout_s: float = 30.0  # a lost worker not replaced by then is dropped (or the run stops)
+    # step transport: "actors" (weights out, gradients back every step), "mesh" (workers on the
+    # driver's node sum each other's gradients through shared memory, many steps per call),
+    # "auto" (mesh when every worker is on the driver's node, else actors)
     transport: str = "auto"
 
 
@@ -136,6 +137,12 @@ def load_job(path=None, overrides=(), updates=None):
         else:
             raw.setdefault(section, {})[name] = value
     return job_from_dict(raw, source=str(path) if path else "job")
+
+
+def parse_override_key(text):
+    """'cluster.workers=3' -> ("cluster.workers", 3)."""
+    (section, name), value = parse_override(text)
+    return f"{section}.{name}", value
 
 
 def parse_override(text):
@@ -228,14 +235,15 @@ def validate(job):
     _require(r.seed >= 0, "run.seed", "must be >= 0", r.seed)
     _require(r.on_nonfinite in NONFINITE_POLICIES, "run.on_nonfinite",
              f"allowed: {', '.join(NONFINITE_POLICIES)}", r.on_nonfinite)
-    _require(c.workers >= 1, "cluster.workers", "must be >= 1", c.workers)
+    _require(c.workers >= 0, "cluster.workers", "must be >= 0 (0: in this process, without Ray)", c.workers)
     _require(c.placement in PLACEMENTS, "cluster.placement", f"allowed: {', '.join(PLACEMENTS)}", c.placement)
     _require(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0", c.cpus_per_worker)
     _require(c.max_failures >= -1, "cluster.max_failures", "must be >= -1 (-1: unlimited)", c.max_failures)
     _require(c.step_timeout_s > 0, "cluster.step_timeout_s", "must be > 0", c.step_timeout_s)
+    _require(c.replace_timeout_s > 0, "cluster.replace_timeout_s", "must be > 0", c.replace_timeout_s)
+    _require(c.min_workers is None or 1 <= c.min_workers <= max(c.workers, 1), "cluster.min_workers",
+             f"must be between 1 and cluster.workers ({c.workers})", c.min_workers)
     _require(c.transport in TRANSPORTS, "cluster.transport", f"allowed: {', '.join(TRANSPORTS)}", c.transport)
-    _require(c.transport != "compiled" or (o.name != "gd" and o.momentum == 0.0), "cluster.transport",
-             "compiled needs optimizer minibatch or sgd with momentum 0", c.transport)
 
 
 def replace(job, **sections):

@@ -57,3 +57,8 @@ def _probe(address, timeout_s=5.0):
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def disconnect():
+    """Stop the embedded Ray that connect() started."""
+    ray.shutdown()

@@ -9,16 +9,17 @@ in rank order, divides by the total count and applies the update: the same arith
 same order, as the driver of the actor transport, so the weights are the same bits in every
 worker and equal to the actor transport's.
 
-The driver (driver.MeshTransport) asks for a round of steps at a time (one actor call per
+The driver (transport.MeshTransport) asks for a round of steps at a time (one actor call per
 worker) and gets back each step's loss, count and timings, and the weights at the end. A round ends at the next point where
 the training loop needs the weights (evaluation, checkpoint, a hook's step, the end), after
-ROUND_S seconds, or before a step whose sum or update is not finite (the loop then runs that
-step over actor calls and applies its divergence policy). Rank 0 decides the time-based end and
-tells the others in the header of the step, so every worker stops after the same step.
+ROUND_S seconds, or at a step whose sum or update is not finite. Rank 0 decides the time-based end and
+tells the others in the header of the step, so every worker stops after the same step. A step
+that is not finite ends the round without being applied; every worker sees the same bits, so
+all stop there, and the training loop applies its divergence policy.
 
 Failure: a worker that dies closes its sockets, so its peers see end-of-file at once; a hung
 worker makes them time out after cluster.step_timeout_s. Either way the round is abandoned,
-the driver replaces the lost worker (RayBackend._on_failure: counted, restarted), opens a new
+the driver replaces the lost worker (WorkerGroup.replace: counted, restarted), opens a new
 generation of sockets and runs the round again from the weights it started with: the same bits.
 
 Per step only 24 bytes per peer cross a socket; the gradient sums (4 bytes per parameter) are
@@ -26,20 +27,22 @@ read straight from the peer's shared-memory slot (double-buffered by step parity
 only reach step s+1 once every peer has finished reading step s-1's slots).
 """
 
+import functools
 import os
 import select
+import shutil
 import socket
+import stat
 import struct
+import tempfile
 import time
 
 import numpy as np
 
-from distmlp import fastpath, mlp
-from distmlp.sampling import Sampler
+from distmlp import step as contract
 
 SPIN_S = 0.0005  # polling before sleeping, per receive (0.3-1 ms measured alike)
-ROUND_S = 0.5  # a round ends after about this long, so the driver reports progress
-MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: per-step actor calls
+MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: actor calls
 _HEADER = struct.Struct("<qdqq")  # step, loss sum, count, rank 0: last step of the round (1) or not (0)
 OK, NONFINITE, BROKEN = "ok", "nonfinite", "broken"
 
@@ -50,30 +53,6 @@ class MeshBroken(Exception):
     def __init__(self, step, rank, why):
         super().__init__(f"worker {rank} {why} " + (f"during step {step + 1}" if step >= 0 else "while connecting"))
         self.step, self.rank, self.why = step, rank, why
-
-
-# ---------------------------------------------------------------------------- flat weights
-
-
-def flatten(arrays, names, out=None):
-    """The arrays of a params-like dict, in names order, as one flat array (into out if given)."""
-    flat = [arrays[name].reshape(-1) for name in names]
-    return np.concatenate(flat, out=out)
-
-
-def layout(params, names):
-    """[(name, start, stop, shape)] of each array of params in a flat array, in names order."""
-    out, at = [], 0
-    for name in names:
-        size = params[name].size
-        out.append((name, at, at + size, params[name].shape))
-        at += size
-    return out
-
-
-def unflatten(flat, places):
-    """{name: view of flat} for the layout places."""
-    return {name: flat[lo:hi].reshape(shape) for name, lo, hi, shape in places}
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -88,11 +67,10 @@ class Peers:
         # wait for peers by polling (a sleeping worker wakes up tens of microseconds late)
         # only when every worker can have a core of its own
         self.spin_s = SPIN_S if n_workers <= (os.cpu_count() or 1) else 0.0
-        nbytes = 2 * max(slot_items, 1) * np.dtype(dtype).itemsize
+        check_private_dir(directory)
+        shape = (2, max(slot_items, 1))
         path = os.path.join(directory, f"g{gen}-r{rank}")
-        with open(path + ".buf", "wb") as f:  # exists before the listening socket does
-            f.truncate(nbytes)
-        self.mine = np.asarray(np.memmap(path + ".buf", dtype=dtype, mode="r+", shape=(2, slot_items)))
+        self.mine = _map(path + ".buf", dtype, shape, create=True)  # exists before the listening socket does
         self.slots = {rank: self.mine}
         self.socks = {}
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -102,28 +80,28 @@ class Peers:
             deadline = time.monotonic() + timeout
             for peer in range(rank):  # connect to the lower ranks (they listen before connecting)
                 self.socks[peer] = _connect(os.path.join(directory, f"g{gen}-r{peer}.sock"), deadline)
+                _check_peer(self.socks[peer], peer)
                 self.socks[peer].sendall(struct.pack("<q", rank))
             for _ in range(rank + 1, n_workers):  # accept the higher ranks
                 listener.settimeout(max(deadline - time.monotonic(), 0.01))
                 conn, _ = listener.accept()
                 conn.setblocking(False)
+                _check_peer(conn, "?")
                 (peer,) = struct.unpack("<q", _recv_exactly(conn, 8, -1, "?", timeout))
+                if not rank < peer < n_workers or peer in self.socks:
+                    conn.close()
+                    raise MeshBroken(-1, peer, f"claimed rank {peer}, not one of the unseen ranks above {rank}")
                 self.socks[peer] = conn
         finally:
             listener.close()
             _unlink(path + ".sock")
         for peer, sock in self.socks.items():
             sock.setblocking(False)
-            self.slots[peer] = np.asarray(np.memmap(os.path.join(directory, f"g{gen}-r{peer}.buf"),
-                                                    dtype=dtype, mode="r", shape=(2, slot_items)))
-        # Once every peer has mapped our slots the file needs no name, and once every file is
-        # unlinked the directory can go: nothing is left in shared memory when a process dies,
-        # the driver included.
+            self.slots[peer] = _map(os.path.join(directory, f"g{gen}-r{peer}.buf"), dtype, shape, create=False)
+        # Once every peer has mapped our slots the file needs no name; the (private) directory
+        # stays until the driver closes the transport.
         self.exchange(-1, (0.0, 0, 0))
         _unlink(path + ".buf")
-        self.exchange(-2, (0.0, 0, 0))
-        if rank == 0:
-            os.rmdir(directory)
 
     def exchange(self, step, header):
         """Send this worker's header for step to every peer; {rank: header} of every worker."""
@@ -145,6 +123,40 @@ class Peers:
         for sock in self.socks.values():
             sock.close()
         self.socks = {}
+
+
+def check_private_dir(directory):
+    """Refuse a mesh directory that is not a real directory of this user with mode 0700 (another
+    user could have made it, or put a symlink there)."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(f"{directory}: not a private directory of this user (mode 0700); refusing it")
+
+
+def _map(path, dtype, shape, create):
+    """A shared-memory slot file mapped into memory: made new (never following a symlink, mode
+    0600) with create, else an existing regular file of this user's, read-only."""
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.ftruncate(fd, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError(f"{path}: not a regular file of this user; refusing it")
+        with open(fd, "r+b" if create else "rb", closefd=False) as f:
+            return np.asarray(np.memmap(f, dtype=dtype, mode="r+" if create else "r", shape=shape))
+    finally:
+        os.close(fd)
+
+
+def _check_peer(sock, rank):
+    """Refuse a connection from a process of another user (SO_PEERCRED)."""
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid != os.getuid():
+        sock.close()
+        raise MeshBroken(-1, rank, f"connected as user {uid}, not this user")
 
 
 def _unlink(path):
@@ -194,59 +206,6 @@ def _recv_exactly(sock, n, step, peer, timeout, spin_s=0.0):
     return bytes(buf)
 
 
-class FlatUpdate:
-    """Weights (and momentum) as flat arrays, double-buffered, updated in place.
-
-    The operations are optim.step's and optim.mean_grads', one array instead of one per name:
-    elementwise, so every element gets the same bits. The new values go into the other buffer,
-    so a step whose update is not finite leaves the current ones untouched.
-    """
-
-    def __init__(self, start, momentum):
-        params, opt_state = start
-        self.places = layout(params, mlp.param_names(len(params) // 2))
-        names = [name for name, *_ in self.places]
-        flat = flatten(params, names)
-        self.params = [flat, np.empty_like(flat)]
-        self.views = [unflatten(buf, self.places) for buf in self.params]
-        self.velocity = [flatten(opt_state, names), np.empty_like(flat)] if opt_state else None
-        self.momentum, self.cur = momentum, 0
-        self.total = np.empty_like(flat)
-
-    def current(self):
-        return self.views[self.cur]
-
-    def apply(self, lr, count):
-        """Update from the gradient sums in self.total over count examples; False (nothing
-        changed) when the new weights or velocity are not finite."""
-        with np.errstate(over="ignore", invalid="ignore"):  # checked below
-            return self._apply(lr, count)
-
-    def _apply(self, lr, count):
-        cur, new = self.cur, 1 - self.cur
-        g = np.divide(self.total, count, out=self.total)  # mean_grads: g / count
-        if self.velocity is None:  # p - lr * g
-            np.subtract(self.params[cur], np.multiply(g, lr, out=g), out=self.params[new])
-        else:  # v = momentum * v + g; p - lr * v
-            v = np.add(np.multiply(self.velocity[cur], self.momentum, out=self.velocity[new]), g,
-                       out=self.velocity[new])
-            np.subtract(self.params[cur], np.multiply(v, lr, out=g), out=self.params[new])
-        # a NaN or infinity anywhere makes the sum non-finite (a finite sum that overflows only
-        # sends a finite step to the training loop, which then runs it exactly)
-        if not np.isfinite(self.params[new].sum()) or (
-                self.velocity is not None and not np.isfinite(self.velocity[new].sum())):
-            return False
-        self.cur = new
-        return True
-
-    def state(self):
-        """(params, opt_state) as fresh arrays keyed by name."""
-        params = {name: a.copy() for name, a in self.current().items()}
-        if self.velocity is None:
-            return params, {}
-        return params, {name: a.copy() for name, a in unflatten(self.velocity[self.cur], self.places).items()}
-
-
 class MeshWorker:
     """The mesh side of one ShardWorker: its peers and the round loop."""
 
@@ -265,27 +224,24 @@ class MeshWorker:
     def run(self, start, request):
         """Run steps [first, stop) from start = (params, opt_state); a dict for the driver."""
         r, w = request, self.worker
-        weights = FlatUpdate(start, r["momentum"])
-        names = [name for name, *_ in weights.places]
+        params, opt_state = start
+        weights = contract.FlatWeights(params, opt_state, r["momentum"])
         try:
             self._connect(r, weights.total.size, weights.total.dtype)
         except (OSError, MeshBroken) as e:
             return {"status": BROKEN, "steps": [], "detail": f"cannot connect: {e}", "step": r["first"]}
-        peers = self.peers
-        lo, hi = w.train_range
-        sampler = Sampler(*r["sampler"])
-        records, status, detail = [], OK, None
+        peers, sampler = self.peers, r["sampler"]
+        records, status, detail, nonfinite = [], OK, None, None
         round_end = time.perf_counter() + r["round_s"]
         step = r["first"]
         while step < r["stop"]:
             t0 = time.perf_counter()
-            batch = sampler.batch(step)
-            local = None if batch is None else batch[(batch >= lo) & (batch < hi)] - lo
+            local = contract.local_rows(sampler.batch(step), w.train_range)
             count, loss_sum, compute_s = 0, 0.0, 0.0
             parity = step % 2
             if local is None or len(local):
                 _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
-                flatten(grads, names, out=peers.mine[parity])
+                contract.flatten(grads, weights.names, out=peers.mine[parity])
             last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
             try:
                 headers = peers.exchange(step, (loss_sum, count, last))
@@ -294,34 +250,71 @@ class MeshWorker:
                 self.peers.close()
                 self.peers = None
                 break
-            # the driver's sum (RayBackend.grad_sums): ranks with examples, in rank order
-            total_loss, total_count = 0.0, 0
-            for rank in sorted(headers):
-                _, part_loss, part_count, _ = headers[rank]
-                if part_count == 0:
-                    continue
-                part = peers.slots[rank][parity]
-                if total_count == 0:
-                    np.copyto(weights.total, part)
-                else:
-                    np.add(weights.total, part, out=weights.total)
-                total_loss += part_loss
-                total_count += part_count
-            if not (np.isfinite(total_loss) and weights.apply(r["lr"], total_count)):
-                status = NONFINITE  # the loop runs this step itself and applies its policy
+            parts = [(rank, peers.slots[rank][parity], headers[rank][1], headers[rank][2])
+                     for rank in sorted(headers) if headers[rank][2]]
+            total_loss, total_count, cause = contract.apply_step(weights, parts, r["lr"])
+            if cause is not None:  # not applied: every worker stops here, the loop applies its policy
+                status, nonfinite = NONFINITE, (total_loss, total_count, *cause)
                 break
-            t2 = time.perf_counter()
-            records.append((total_loss, total_count, compute_s, t2 - t0))
+            records.append((total_loss, total_count, compute_s, time.perf_counter() - t0))
             step += 1
             if headers[0][3]:
                 break
-        out = {"status": status, "step": step, "detail": detail, "steps": records,
-               "fingerprint": fastpath.fingerprint(weights.current())}
+        out = {"status": status, "step": step, "detail": detail, "steps": records, "nonfinite": nonfinite,
+               "fingerprint": fingerprint(weights.current())}
         if w.rank == 0:
             out["params"], out["opt_state"] = weights.state()
         return out
 
 
-def eligible(backend, here):
-    """Whether the mesh can run: every worker on this (the driver's) node."""
-    return set(backend.bundle_nodes) == {here}
+def fingerprint(params):
+    """64-bit linear hash of the weights' bits: a different bit anywhere changes it."""
+    blob = b"".join(np.ascontiguousarray(params[name]).tobytes() for name in sorted(params))
+    words = np.frombuffer(blob + b"\0" * (-len(blob) % 8), np.uint64)
+    return int(np.dot(words, _multipliers(len(words))))  # integer dot: wraps modulo 2**64
+
+
+@functools.cache
+def _multipliers(n):
+    """n fixed odd 64-bit constants (the same in every process)."""
+    return np.random.default_rng(0x5EED).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+
+
+def eligible(group, here):
+    """Whether the mesh can run: every worker of the group on this (the driver's) node."""
+    return set(group.bundle_nodes) == {here}
+
+
+PREFIX = "distmlp-mesh-"  # + the driver's pid + "-": the directory of one run's mesh
+
+
+def shm_dir():
+    """Where the slots live: in memory (tmpfs) where there is one, so they are never written to a disk."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def make_dir():
+    """A new private (0700) directory for a run's mesh, named after this (the driver's) process."""
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=shm_dir())
+
+
+def sweep_stale():
+    """Remove this user's mesh directories whose driver process is gone (killed before it could)."""
+    base = shm_dir()
+    for name in os.listdir(base):
+        pid = name[len(PREFIX):].split("-")[0]
+        path = os.path.join(base, name)
+        if not (name.startswith(PREFIX) and pid.isdigit()) or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            if os.lstat(path).st_uid == os.getuid() and stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
+def room_for(workers, n_items, itemsize):
+    """Whether the shared-memory filesystem has room for every worker's double-buffered slots
+    (Docker gives /dev/shm 64 MB; a full one kills a worker with SIGBUS instead of an error)."""
+    need = workers * 2 * n_items * itemsize
+    return shutil.disk_usage(shm_dir()).free >= 2 * need + (1 << 20)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from distmlp import fsutil
 from distmlp.errors import UserError
+from distmlp.trainer import Hook
 
 JSONL = "metrics.jsonl"
 PARQUET = "metrics.parquet"
@@ -92,7 +93,7 @@ def read_jsonl(path):
     return records
 
 
-class BufferedHook:
+class BufferedHook(Hook):
     """A loop hook that collects rows and writes them in batches: once flush_s seconds have passed
     since the last write, at a step that must_flush(record) names, and at the end.
 

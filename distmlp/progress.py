@@ -8,6 +8,8 @@ import math
 import sys
 import time
 
+from distmlp.trainer import Hook
+
 BAR_REFRESH_S = 0.1  # the bar's numbers change at most this often
 
 
@@ -51,7 +53,7 @@ class Window:
         return self.examples / self.step_s if self.step_s > 0 else 0.0
 
 
-class Progress:
+class Progress(Hook):
     """One line per logged step (every log_every-th, every evaluated one, the last one) through
     echo, and a rich progress bar (steps, loss, examples/s, elapsed, ETA) above which the lines
     scroll.

@@ -55,6 +55,10 @@ class Sampler:
             self._perm, self._perm_epoch = rng.permutation(self.n), epoch
         return self._perm
 
+    def __getstate__(self):
+        """Pickled without the cached permutation, which is rebuilt from (seed, epoch) where used."""
+        return {**self.__dict__, "_perm_epoch": None, "_perm": None}
+
     def state(self):
         """Everything that determines future batches besides the step counter."""
         return {"kind": "counter-based", "seed": self.seed, "sampling": self.sampling,

@@ -1,23 +1,28 @@
 """The training loop, and the single-process backend it runs on without Ray.
 
-The loop is backend-agnostic: a backend computes gradient sums and evaluation sums for the
-current weights; the loop averages (sum / total count), updates, evaluates and reports. The
-Ray driver (driver.py) supplies a backend made of worker actors; LocalBackend here holds the
-whole data set in this process and is the reference the distributed runs are tested against.
+A backend runs rounds of steps: `run_steps(state, stop, plan)` computes steps state.step.. (up
+to stop, maybe fewer) by the contract in distmlp.step and returns a Round of typed step
+records and the weights after its last step. The loop turns records into metrics, evaluates,
+applies the divergence policy and calls the hooks; it has no other path. LocalBackend here
+holds the whole data set in this process and is the reference distributed runs are tested
+against; the Ray transports are in distmlp.transport.
 """
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from distmlp import data, mlp, optim
-from distmlp.errors import UserError
+from distmlp import data, mlp, optim, step
+from distmlp.config import ConfigError
+from distmlp.errors import RunStopped
 from distmlp.sampling import Sampler
 
+ROUND_S = 0.5  # a round of steps ends after about this long, so the loop reports progress
+MAX_SKIPPED = 3  # on_nonfinite = "skip": the run stops at the third non-finite step in a row
 
-class DivergenceError(UserError, RuntimeError):
+
+class DivergenceError(RunStopped, RuntimeError):
     """A non-finite loss, gradient or update; names the step (and the worker when known)."""
 
 
@@ -31,20 +36,47 @@ class TrainState:
     metrics: dict = field(default_factory=dict)  # the latest step record
 
 
-@dataclass
-class StepResult:
-    grads: dict  # gradient sums over the examples
+@dataclass(frozen=True)
+class Plan:
+    """What a backend needs to compute steps: the batches, the update rule's constants."""
+
+    sampler: Sampler
+    lr: float
+    momentum: float
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    loss_sum: float
+    count: int  # examples in the step
+    compute_s: float  # the slowest worker's time computing its gradient sums
+    step_s: float  # wall time of the step, the round's overhead spread over its steps
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The step after a round's last one could not be applied: its loss or update is not finite."""
+
     loss_sum: float
     count: int
-    compute_s: float  # time spent computing in the slowest worker
-    bad_worker: str | None = None  # the first worker whose partial result was non-finite
+    what: str  # "loss or gradient" or "update"
+    worker: str | None = None  # "1 (pid 1234)": the first worker whose part was not finite
+
+
+@dataclass(frozen=True)
+class Round:
+    steps: list  # [StepRecord], one per step applied
+    params: dict  # the weights after the last applied step
+    opt_state: dict
+    nonfinite: NonFinite | None = None
 
 
 class Hook:
     """A training-loop hook that does nothing: subclasses override what they need.
 
-    next_stop(step): the first step after `step` at which the hook needs state.params (rounds
-    of steps end there); None when it needs none.
+    on_start(state, info); on_step(state, record) after every step (record: a flat dict);
+    on_end(state, record); next_stop(step): the first step after `step` at which the hook
+    needs state.params (rounds of steps end there), or None.
     """
 
     def on_start(self, state, info):
@@ -69,7 +101,6 @@ def initial_state(job):
 def make_sampler(job, n_train):
     o = job.optimizer
     if o.name == "minibatch" and o.batch_size > n_train:
-        from distmlp.config import ConfigError
         raise ConfigError(f"optimizer.batch_size: {o.batch_size} is larger than the {n_train} training examples")
     return Sampler(o.name, n_train, o.batch_size, o.sampling_mode, job.run.seed)
 
@@ -80,99 +111,90 @@ def total_steps(job, sampler):
     return (job.run.epochs or 1) * sampler.steps_per_epoch
 
 
-def is_finite(result):
-    return math.isfinite(result.loss_sum) and all(np.isfinite(g).all() for g in result.grads.values())
-
-
 def train(job, backend, state=None, hooks=()):
-    """Run job on backend from state (a fresh start when None); returns the final TrainState.
-
-    hooks get on_start(state, info), on_step(state, record) after every step, and
-    on_end(state, record); records are flat dicts (step, epoch, losses, timings ...).
-    """
+    """Run job on backend from state (a fresh start when None); returns the final TrainState."""
     state = state or initial_state(job)
     sampler = make_sampler(job, backend.n_train)
+    plan = Plan(sampler, job.optimizer.learning_rate, job.optimizer.momentum)
     steps = total_steps(job, sampler)
-    lr, momentum = job.optimizer.learning_rate, job.optimizer.momentum
-    eval_every = job.run.eval_every
     info = {"steps": steps, "steps_per_epoch": sampler.steps_per_epoch, "workers": backend.workers,
             "n_train": backend.n_train, "n_test": backend.n_test}
     for hook in hooks:
         hook.on_start(state, info)
-    record = state.metrics
-    run_steps = getattr(backend, "run_steps", None)  # a backend that runs many steps per call
     while state.step < steps:
-        t0 = time.perf_counter()
-        done = run_steps(state, _next_stop(state.step, steps, eval_every, hooks)) if run_steps else None
-        if not done:  # one step here: gradient sums from the backend, update, divergence policy
-            batch = sampler.batch(state.step)
-            result = backend.grad_sums(state.params, batch, state.step)
-            update = _update(state, result, lr, momentum) if is_finite(result) else None
-            if update is not None:
-                state.params, state.opt_state = update
-                state.nonfinite_streak = 0
-            else:
-                _on_nonfinite(job, state, result)
-            wall = time.perf_counter() - t0
-            done = [(result.loss_sum, result.count, result.compute_s, wall)]
-        else:  # already applied by the backend, all finite
+        done = backend.run_steps(state, next_stop(state.step, steps, job.run.eval_every, hooks), plan)
+        state.params, state.opt_state = done.params, done.opt_state
+        for rec in done.steps:
             state.nonfinite_streak = 0
-        for loss_sum, count, compute_s, wall in done:
-            state.step += 1
-            state.samples_seen += count
-            record = {"step": state.step, "epoch": state.step / sampler.steps_per_epoch,
-                      "samples_seen": state.samples_seen, "train_loss": loss_sum / count,
-                      "lr": lr, "step_s": wall, "compute_s": compute_s, "comm_s": max(wall - compute_s, 0.0)}
-            if (eval_every and state.step % eval_every == 0) or state.step == steps:
-                record.update(evaluate(backend, state.params))
-            state.metrics = record
-            for hook in hooks:
-                hook.on_step(state, record)
+            _record(job, backend, state, rec, sampler, steps, hooks)
+        if done.nonfinite is not None:
+            _skip_or_stop(job, state, done.nonfinite)
+            bad = done.nonfinite
+            _record(job, backend, state, StepRecord(bad.loss_sum, bad.count, 0.0, 0.0), sampler, steps, hooks)
     for hook in hooks:
-        hook.on_end(state, record)
+        hook.on_end(state, state.metrics)
     return state
 
 
-def _next_stop(step, steps, eval_every, hooks):
+def _record(job, backend, state, rec, sampler, steps, hooks):
+    """Count one step done, evaluate when due, and hand its record to the hooks."""
+    state.step += 1
+    state.samples_seen += rec.count
+    record = {"step": state.step, "epoch": state.step / sampler.steps_per_epoch,
+              "samples_seen": state.samples_seen, "train_loss": rec.loss_sum / rec.count,
+              "lr": job.optimizer.learning_rate, "step_s": rec.step_s, "compute_s": rec.compute_s,
+              "comm_s": max(rec.step_s - rec.compute_s, 0.0)}
+    eval_every = job.run.eval_every
+    if (eval_every and state.step % eval_every == 0) or state.step == steps:
+        correct, loss_sum, n = backend.evaluate(state.params)
+        record.update(test_loss=loss_sum / n, test_accuracy=correct / n)
+    state.metrics = record
+    for hook in hooks:
+        hook.on_step(state, record)
+
+
+def next_stop(step, steps, eval_every, hooks):
     """The first step after `step` at which the loop needs the weights: evaluation, the end, or a
     hook's next_stop(step) (checkpoints; test hooks acting between steps)."""
     stops = [steps]
     if eval_every:
         stops.append((step // eval_every + 1) * eval_every)
-    for hook in hooks:
-        at = hook.next_stop(step) if hasattr(hook, "next_stop") else None
-        if at is not None:
-            stops.append(at)
+    stops += [at for hook in hooks if (at := hook.next_stop(step)) is not None]
     return min(stops)
 
 
-def _update(state, result, lr, momentum):
-    """(params, opt_state) after the step, or None when the update itself overflowed."""
-    grads = optim.mean_grads(result.grads, result.count)
-    params, opt_state = optim.step(state.params, grads, state.opt_state, lr, momentum)
-    finite = all(np.isfinite(a).all() for group in (params, opt_state) for a in group.values())
-    return (params, opt_state) if finite else None
-
-
-MAX_SKIPPED = 3  # on_nonfinite = "skip": the run stops at the third non-finite step in a row
-
-
-def _on_nonfinite(job, state, result):
+def _skip_or_stop(job, state, bad):
     """Skip the update (policy "skip", fewer than MAX_SKIPPED in a row) or raise DivergenceError."""
-    if is_finite(result):
-        what = "update (finite gradient, overflowing weights)"
-    else:
-        what = "loss or gradient" + (f" in worker {result.bad_worker}" if result.bad_worker else "")
     if job.run.on_nonfinite == "skip" and state.nonfinite_streak < MAX_SKIPPED - 1:
         state.nonfinite_streak += 1
         return
+    what = ("update (finite gradient, overflowing weights)" if bad.what == "update"
+            else "loss or gradient" + (f" in worker {bad.worker}" if bad.worker else ""))
     streak = f" ({state.nonfinite_streak + 1} in a row, run.on_nonfinite = skip)" if state.nonfinite_streak else ""
     raise DivergenceError(f"non-finite {what} at step {state.step + 1}{streak}")
 
 
-def evaluate(backend, params):
-    correct, loss_sum, n = backend.evaluate(params)
-    return {"test_loss": loss_sum / n, "test_accuracy": correct / n}
+def run_round(state, stop, plan, compute):
+    """Steps state.step.. up to stop (or until ROUND_S has passed) in one process, each by
+    compute(step, params) -> ([(rank, flat gradient sums, loss sum, count)], compute seconds,
+    {rank: worker description}); a Round. The driver side of the actor transport and the
+    single-process backend both run their steps here."""
+    weights = step.FlatWeights(state.params, state.opt_state, plan.momentum)
+    records, nonfinite = [], None
+    round_end = time.perf_counter() + ROUND_S
+    for at in range(state.step, stop):
+        t0 = time.perf_counter()
+        parts, compute_s, workers = compute(at, weights.current())
+        loss_sum, count, cause = step.apply_step(weights, parts, plan.lr)
+        if cause is not None:
+            what, rank = cause
+            nonfinite = NonFinite(loss_sum, count, what, workers.get(rank))
+            break
+        records.append(StepRecord(loss_sum, count, compute_s, time.perf_counter() - t0))
+        if time.perf_counter() >= round_end:
+            break
+    params, opt_state = weights.state()
+    return Round(records, params, opt_state, nonfinite)
 
 
 class LocalBackend:
@@ -186,11 +208,19 @@ class LocalBackend:
         self.test_x, self.test_y = data.load_rows(source.test)
         self.n_train, self.n_test = len(self.train_y), len(self.test_y)
 
-    def grad_sums(self, params, batch, step=None):
-        t0 = time.perf_counter()
+    def grad_sums(self, params, batch, step_index):
+        """(gradient sums keyed like params, loss sum, count) over batch (None: every row)."""
         x, y = (self.train_x, self.train_y) if batch is None else (self.train_x[batch], self.train_y[batch])
-        grads, loss_sum, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x, self.dtype), y)
-        return StepResult(grads, loss_sum, count, time.perf_counter() - t0)
+        return mlp.loss_and_grad_sums(params, mlp.scale_pixels(x, self.dtype), y)
+
+    def run_steps(self, state, stop, plan):
+        names = mlp.param_names(len(state.params) // 2)
+
+        def compute(at, params):
+            t0 = time.perf_counter()
+            grads, loss_sum, count = self.grad_sums(params, plan.sampler.batch(at), at)
+            return [(0, step.flatten(grads, names), loss_sum, count)], time.perf_counter() - t0, {}
+        return run_round(state, stop, plan, compute)
 
     def evaluate(self, params):
         return mlp.evaluate_sums(params, mlp.scale_pixels(self.test_x, self.dtype), self.test_y)

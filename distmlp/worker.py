@@ -1,24 +1,23 @@
 """The Ray worker actor: holds one shard of the training and held-out splits, returns sums.
 
-A worker loads its own rows (from the IDX files, the bundled sample or Parquet shards) in
-its constructor, so the data set never passes through the driver, and keeps them resident.
-A restarted actor (after a crash) runs the constructor again and reloads its shard.
+A worker loads its own rows (from the IDX files, the bundled sample or Parquet shards) in its
+constructor, so the data set never passes through the driver, and keeps them resident; where
+every worker shares one node the node's single copy (put_per_node) is read without copying.
+A restarted actor runs the constructor again and reloads its shard. Its process runs BLAS on
+one thread (BLAS_ENV, set by the worker group): the workers are the parallelism.
 """
 
 import os
 import time
 
-# One BLAS thread per worker: the workers are the parallelism, oversubscribing cores only
-# slows them down. Set before NumPy loads its BLAS in this process.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-
-from distmlp import data, mlp  # noqa: E402
+from distmlp import data, mlp
 
 BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+CHUNK_ROWS = 1024  # full-batch rows per chunk: (1024, 784) float32 is 3.2 MB
 
 
 class ShardWorker:
@@ -29,15 +28,12 @@ class ShardWorker:
         self.dtype = np.dtype(dtype).type
         self.train_range = train_range
         if node_data is None:
-            self.node_data = None
             self.train_x, self.train_y = data.load_rows(source.train, *train_range)  # (n, 784) uint8
             self.test_x, self.test_y = data.load_rows(source.test, *test_range)
         else:  # [ref to the node's one copy of (train x, y, test x, y)]: zero-copy views of the shard
-            self.node_data = ray.get(node_data[0])
-            train_x, train_y, test_x, test_y = self.node_data
+            train_x, train_y, test_x, test_y = ray.get(node_data[0])
             self.train_x, self.train_y = train_x[slice(*train_range)], train_y[slice(*train_range)]
             self.test_x, self.test_y = test_x[slice(*test_range)], test_y[slice(*test_range)]
-        self.replica = None
         self.mesh = None
 
     def info(self):
@@ -46,11 +42,11 @@ class ShardWorker:
                 "n_train": len(self.train_y), "n_test": len(self.test_y)}
 
     def grad_sums(self, params, local_indices, step):
-        """Gradient sums over local_indices (None: the whole shard), tagged with the step."""
+        """(step, gradient sums keyed like params, loss sum, count, seconds) over local_indices
+        (None: the whole shard, in cache-sized chunks)."""
         t0 = time.perf_counter()
-        if local_indices is None:  # the whole shard (gd): in cache-sized chunks (fastpath)
-            from distmlp import fastpath
-            grads, loss_sum, count = fastpath.chunked_grad_sums(params, self.train_x, self.train_y, self.dtype)
+        if local_indices is None:
+            grads, loss_sum, count = chunked_grad_sums(params, self.train_x, self.train_y, self.dtype)
         else:
             x, y = self.train_x[local_indices], self.train_y[local_indices]
             grads, loss_sum, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x, self.dtype), y)
@@ -58,19 +54,6 @@ class ShardWorker:
 
     def evaluate(self, params):
         return mlp.evaluate_sums(params, mlp.scale_pixels(self.test_x, self.dtype), self.test_y)
-
-
-    # -- fast transport (distmlp.fastpath): a weight replica, driven through a compiled graph
-
-    def fast_run(self, request):
-        """fastpath.Replica.handle on this worker's replica (made on first use)."""
-        if self.replica is None:
-            from distmlp import fastpath
-            self.replica = fastpath.Replica(self.rank, self.node_data, self.dtype)
-        return self.replica.handle(request)
-
-
-    # -- mesh transport (distmlp.mesh): rounds of steps, gradient sums shared with the other workers
 
     def mesh_run(self, start, request):
         """mesh.MeshWorker.run: steps request["first"].. from start = (params, opt_state)."""
@@ -81,3 +64,34 @@ class ShardWorker:
 
 
 RemoteShardWorker = ray.remote(ShardWorker)
+
+
+def chunked_grad_sums(params, x_uint8, labels, dtype, chunk=CHUNK_ROWS):
+    """mlp.loss_and_grad_sums over uint8 rows, `chunk` rows at a time, partial sums added in order.
+
+    A full-batch step over 30,000 rows scaled at once writes and rereads 94 MB of floats; in
+    chunks the floats stay in cache.
+    """
+    total, loss_sum = None, 0.0
+    for lo in range(0, len(labels), chunk):
+        x = mlp.scale_pixels(x_uint8[lo:lo + chunk], dtype)  # (chunk, 784)
+        grads, part_loss, _ = mlp.loss_and_grad_sums(params, x, labels[lo:lo + chunk])
+        if total is None:
+            total = grads
+        else:
+            for name, g in grads.items():
+                total[name] += g
+        loss_sum += part_loss
+    return total, loss_sum, len(labels)
+
+
+@ray.remote(num_cpus=0)
+def _load_split_pair(source):
+    return data.load_rows(source.train) + data.load_rows(source.test)  # (train x, y, test x, y)
+
+
+def put_per_node(source, node_ids):
+    """{node id: ref to (train x, train y, test x, test y)}: each split loaded once on each node."""
+    return {node: _load_split_pair.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)).remote(source)
+        for node in sorted(set(node_ids))}

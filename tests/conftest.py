@@ -23,3 +23,22 @@ def sample_dir():
     """The shared real MNIST test split (IDX, gzip)."""
     here = os.path.dirname(__file__)
     return os.path.join(here, "..", "..", "shared", "data", "mnist")
+
+
+# The fast subset (`pytest -m "not slow"`, under 2 minutes) skips what starts clusters or
+# subprocess runs, runs thousands of steps or sleeps: every test that uses Ray, but for the few
+# below that cover the engine's modules (worker group, both transports, worker, mesh) in one
+# short Ray session; and whole modules that are all subprocess runs or clusters.
+SLOW_MODULES = {"test_benchmarks", "test_faults", "test_multinode", "test_resume", "test_submit"}
+FAST_RAY_TESTS = {
+    "test_mesh.py::test_mesh_equals_actor_calls_bit_for_bit[minibatch-2]",
+    "test_engine.py::test_minibatch_indices_go_to_their_owner",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.nodeid.split("/")[-1]
+        uses_ray = "ray_session" in getattr(item, "fixturenames", ())
+        if item.module.__name__ in SLOW_MODULES or (uses_ray and name not in FAST_RAY_TESTS):
+            item.add_marker(pytest.mark.slow)

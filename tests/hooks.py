@@ -38,7 +38,7 @@ class AtStep(trainer.Hook):
 def kill(rank, sig=signal.SIGKILL, log=None):
     """Action: send sig to worker rank's process (SIGKILL: and wait until it is gone)."""
     def action(backend):
-        pid = backend.worker_info[rank]["pid"]
+        pid = backend.group.worker_info[rank]["pid"]
         os.kill(pid, sig)
         if log is not None:
             log.append((pid, time.perf_counter()))

@@ -9,8 +9,8 @@ from distmlp.cli import app
 # (job file body without [run] run_dir, what the one line must contain)
 BAD_JOB_FILES = [
     ('[optimizer]\nbatch_size = 8001\n', ["optimizer.batch_size: 8001", "larger than the 8000 training examples"]),
-    ('[cluster]\nworkers = 0\n', ["cluster.workers: 0", "must be >= 1"]),
-    ('[cluster]\nworkers = -3\n', ["cluster.workers: -3", "must be >= 1"]),
+    ('[cluster]\nworkers = -1\n', ["cluster.workers: -1", "must be >= 0"]),
+    ('[cluster]\nworkers = -3\n', ["cluster.workers: -3", "must be >= 0"]),
     ('[optimizer]\nname = "adam"\n', ["optimizer.name: 'adam'", "allowed: sgd, minibatch, gd"]),
     ('[optimizer]\nlr = -0.01\n', ["optimizer.lr: -0.01", "must be a finite number > 0"]),
     ('[optimizer]\nlr = "fast"\n', ["optimizer.lr: expected float", "'fast'"]),
@@ -54,7 +54,7 @@ def test_bad_job_file_exits_2_with_one_line_and_no_run_directory(tmp_path, monke
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--workers", "0"], ["cluster.workers: 0", "must be >= 1"]),
+    (["--workers", "-1"], ["cluster.workers: -1", "must be >= 0"]),
     (["--lr", "-1"], ["optimizer.lr: -1.0", "must be a finite number > 0"]),
     (["--optimizer", "adam"], ["optimizer.name: 'adam'", "allowed: sgd, minibatch, gd"]),
     (["--batch-size", "9000"], ["optimizer.batch_size: 9000", "larger than the 8000 training examples"]),

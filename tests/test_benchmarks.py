@@ -15,7 +15,7 @@ def test_quick_benchmark_runs_and_prints_the_table():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "comparison" in out and "median" in out
-    for row in ("single-process NumPy", "Ray, actor calls", "Ray, compiled graph + replicas",
+    for row in ("single-process NumPy", "Ray, actor calls", "Ray, shared-memory mesh",
                 "speed-up 2 workers vs 1", "2 workers / 1 worker", "seed per-example loop (extrapolated)",
                 "PyTorch"):
         assert row in out, row

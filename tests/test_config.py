@@ -49,14 +49,15 @@ BAD_OVERRIDES = [
     ("run.on_nonfinite=ignore", ["run.on_nonfinite", "stop, skip"]),
     ("run.run_dir=3", ["run.run_dir", "expected str"]),
     ("run.mlflow_uri=3", ["run.mlflow_uri", "expected str"]),
-    ("cluster.workers=0", ["cluster.workers", ">= 1"]),
+    ("cluster.workers=-1", ["cluster.workers", ">= 0"]),
     ("cluster.workers=1.5", ["cluster.workers", "expected int"]),
     ("cluster.address=5", ["cluster.address", "expected str"]),
     ("cluster.placement=RANDOM", ["cluster.placement", "SPREAD, PACK, STRICT_SPREAD, STRICT_PACK"]),
     ("cluster.cpus_per_worker=0", ["cluster.cpus_per_worker", "> 0"]),
     ("cluster.max_failures=-2", ["cluster.max_failures", ">= -1"]),
     ("cluster.step_timeout_s=0", ["cluster.step_timeout_s", "> 0"]),
-    ("cluster.transport=fast", ["cluster.transport", "auto, actors, compiled"]),
+    ("cluster.transport=fast", ["cluster.transport", "auto, actors, mesh"]),
+    ("cluster.transport=compiled", ["cluster.transport: 'compiled' is not allowed; allowed: auto, actors, mesh"]),
     ("optimizer.foo=1", ["optimizer.foo", "unknown key", "name, lr, batch_size, sampling, momentum"]),
     ("run.seeds=1", ["run.seeds", "unknown key", "seed"]),
     ("foo.bar=1", ["[foo]", "unknown table", "model, optimizer, data, run, cluster"]),
@@ -97,7 +98,7 @@ BAD_FILES = [
     ("optimizer = 3\n", ["optimizer must be a table"]),
     ("[optimizer]\nlr = \n", ["not valid TOML"]),
     ("[run]\nsteps = 10\nsteps = 20\n", ["not valid TOML"]),
-    ("[cluster]\nworkers = 0\n", ["cluster.workers", ">= 1"]),
+    ("[cluster]\nworkers = -2\n", ["cluster.workers", ">= 0"]),
     ("[optimizer]\nname = \"adagrad\"\n", ["optimizer.name", "sgd, minibatch, gd"]),
 ]
 
@@ -168,7 +169,7 @@ def test_configs_are_frozen():
 def test_replace_validates():
     job = config.load_job()
     assert config.replace(job, run={"steps": 10}).run.steps == 10
-    assert "cluster.workers" in one_line_error(lambda: config.replace(job, cluster={"workers": 0}))
+    assert "cluster.workers" in one_line_error(lambda: config.replace(job, cluster={"workers": -1}))
 
 
 # ------------------------------------------------------------------ TOML round trip
@@ -214,7 +215,7 @@ def test_to_toml_round_trips_through_a_file(tmp_path):
 BAD_TRAIN_ARGS = [  # each must fail before Ray starts or anything is written
     (["--set", "optimizer.lr=-1"], "optimizer.lr"),
     (["--lr=-0.5"], "optimizer.lr"),
-    (["--workers", "0"], "cluster.workers"),
+    (["--workers", "-1"], "cluster.workers"),
     (["--optimizer", "adam"], "optimizer.name"),
     (["--epochs", "0"], "run.epochs"),
     (["--set", "bogus.key=1"], "[bogus]"),

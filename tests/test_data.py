@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distmlp import data
+from distmlp.data import idx as idx_format
 from distmlp.cli import app
 
 
@@ -152,7 +153,7 @@ def test_gzip_inflating_past_its_header_is_refused_without_inflating_it_all(tmp_
         files.append(CountingFile(p))
         return gzip.GzipFile(fileobj=files[-1], mode="rb")
 
-    monkeypatch.setattr(data, "_open", counting_open)
+    monkeypatch.setattr(idx_format, "_open", counting_open)
     tracemalloc.start()
     t0 = time.perf_counter()
     with pytest.raises(data.DataError, match="trailing bytes after the declared payload"):

@@ -16,7 +16,7 @@ import ray
 import ray.cloudpickle
 from typer.testing import CliRunner
 
-from distmlp import checkpoint, config, data, driver, trainer
+from distmlp import checkpoint, config, data, driver, trainer, transport
 from distmlp.cli import app
 from distmlp.worker import ShardWorker
 
@@ -46,7 +46,7 @@ def source():
 
 
 def run(job, source, worker_cls=None):
-    backend = driver.RayBackend(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
+    backend = transport.start(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
     try:
         return trainer.train(job, backend)
     finally:
@@ -55,8 +55,7 @@ def run(job, source, worker_cls=None):
 
 def test_nan_in_one_worker_stops_at_that_step_naming_worker_and_checkpoint(ray_session, source, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(driver, "RayBackend", functools.partial(driver.RayBackend,
-                                                                worker_cls=nan_worker(1, {3})))
+    monkeypatch.setattr(transport, "start", functools.partial(transport.start, worker_cls=nan_worker(1, {3})))
     run_dir = tmp_path / "run"
     job = job_for(6, checkpoint_every=1, run_dir=str(run_dir))
     with pytest.raises(trainer.DivergenceError) as info:
@@ -94,7 +93,7 @@ def test_lr_1e6_from_the_cli_is_one_line_exit_2(ray_session, tmp_path, policy, s
     result = CliRunner().invoke(app, ["train", "--optimizer", "gd", "--lr", "1e6", "--steps", "8", "--workers", "2",
                                       "--set", "cluster.cpus_per_worker=0.5", "--set", "run.checkpoint_every=1",
                                       "--set", f"run.on_nonfinite={policy}", "--run-dir", str(run_dir)])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output  # a run that stopped part-way
     assert "Traceback" not in result.output + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from distmlp import data, download
+from distmlp import data
+from distmlp.data import download
 from distmlp.cli import app
 
 
@@ -27,7 +28,8 @@ def make_files():
         "t10k-images-idx3-ubyte.gz": idx_gz(2051, [20, 28, 28], rng.integers(0, 256, 20 * 784, np.uint8).tobytes()),
         "t10k-labels-idx1-ubyte.gz": idx_gz(2049, [20], bytes(9 - i % 10 for i in range(20))),
     }
-    remotes = tuple(download.Remote(name, hashlib.md5(body).hexdigest(), len(body)) for name, body in contents.items())
+    remotes = tuple(download.Remote(name, hashlib.md5(body).hexdigest(), len(body), hashlib.sha256(body).hexdigest())
+                    for name, body in contents.items())
     return contents, remotes
 
 
@@ -36,7 +38,8 @@ CONTENTS, FILES = make_files()
 
 class Mirrors(http.server.BaseHTTPRequestHandler):
     """/good/NAME serves the file, /garbage/NAME same-size noise, /drop/NAME half the body then hangs up,
-    /short/NAME a body without Content-Length that ends early, /long/NAME one that runs on, anything else 404."""
+    /short/NAME a body without Content-Length that ends early, /long/NAME one that runs on, /hop/NAME
+    redirects to /good/NAME, /downgrade/NAME to plain http on another host, anything else 404."""
 
     requests = []
 
@@ -44,6 +47,12 @@ class Mirrors(http.server.BaseHTTPRequestHandler):
         kind, _, name = self.path.strip("/").partition("/")
         self.requests.append((kind, name))
         body = CONTENTS.get(name)
+        if kind in ("hop", "downgrade"):
+            self.send_response(302)
+            host = self.headers["Host"] if kind == "hop" else "192.0.2.1"  # TEST-NET-1: never reached
+            self.send_header("Location", f"http://{host}/good/{name}")
+            self.end_headers()
+            return
         if body is None or kind not in ("good", "garbage", "drop", "short", "long"):
             self.send_error(404)
             return
@@ -112,7 +121,7 @@ def test_garbage_and_dropping_mirrors_are_skipped(server, tmp_path):
     half, size = len(CONTENTS["train-images-idx3-ubyte.gz"]) // 2, len(CONTENTS["train-images-idx3-ubyte.gz"])
     assert f"/drop/train-images-idx3-ubyte.gz: body ended after {half} of {size} bytes" in drop
     assert f"/short/train-images-idx3-ubyte.gz: body ended after {half} of {size} bytes" in short
-    assert good.endswith(f"downloaded from {server}/good/train-images-idx3-ubyte.gz, md5 verified")
+    assert good.endswith(f"downloaded from {server}/good/train-images-idx3-ubyte.gz, sha256 and md5 verified")
 
 
 def test_no_good_mirror_leaves_nothing_and_says_why(server, tmp_path):
@@ -134,7 +143,7 @@ def test_present_files_are_verified_and_kept_or_replaced(server, tmp_path):
     lines = []
     download.download("mnist", tmp_path, files=FILES, mirror_urls=[f"{server}/good/"], log=lines.append)
     assert Mirrors.requests == [("good", "t10k-labels-idx1-ubyte.gz")]
-    assert sum("already present, md5 verified" in line for line in lines) == 3
+    assert sum("already present, sha256 and md5 verified" in line for line in lines) == 3
     assert (tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes() == CONTENTS["t10k-labels-idx1-ubyte.gz"]
 
 
@@ -169,7 +178,38 @@ def test_official_list_is_the_published_one():
         ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3", 1648877),
         ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c", 4542),
     ]
-    assert all(m.startswith("http") and m.endswith("/") for m in download.MIRRORS)
+    # the sha256s TensorFlow Datasets and others publish for the same files
+    assert [f.sha256 for f in download.MNIST_FILES] == [
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    ]
+    assert all(m.startswith("https://") and m.endswith("/") for m in download.MIRRORS)
+
+
+def test_sha256_is_checked_as_well_as_md5(server, tmp_path):
+    """A file whose size and md5 match but whose sha256 does not is not accepted."""
+    wrong = download.Remote(FILES[0].name, FILES[0].md5, FILES[0].size, hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(download.DownloadError) as e:
+        download.download("mnist", tmp_path, files=[wrong], mirror_urls=[f"{server}/good/"])
+    assert f"/good/{wrong.name}: sha256 {FILES[0].sha256} does not match the pinned {wrong.sha256}" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / wrong.name).write_bytes(CONTENTS[wrong.name])  # present with the right md5: fetched again
+    with pytest.raises(download.DownloadError):
+        download.download("mnist", tmp_path, files=[wrong], mirror_urls=[f"{server}/good/"])
+    assert Mirrors.requests == [("good", wrong.name)] * 2
+
+
+def test_redirects_are_followed_only_to_https_or_loopback(server, tmp_path):
+    lines = []
+    download.download("mnist", tmp_path, files=FILES[:1], mirror_urls=[f"{server}/downgrade/", f"{server}/hop/"],
+                      log=lines.append)
+    assert Mirrors.requests == [("downgrade", FILES[0].name), ("hop", FILES[0].name), ("good", FILES[0].name)]
+    assert lines[0] == (f"{server}/downgrade/{FILES[0].name}: redirects to http://192.0.2.1/good/{FILES[0].name}: "
+                        "not an https URL (plain http is allowed only to 127.0.0.1 or localhost); "
+                        "trying the next mirror")
+    assert (tmp_path / FILES[0].name).read_bytes() == CONTENTS[FILES[0].name]
 
 
 runner = CliRunner()
@@ -197,3 +237,13 @@ def test_cli_download_errors(server, tmp_path, monkeypatch, args, env, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert result.stderr.count("error: ") == 1
+
+
+@pytest.mark.parametrize("mirror", ["http://192.0.2.1/mnist/", "ftp://127.0.0.1/mnist/", "file:///etc/"])
+def test_cli_refuses_a_mirror_that_is_not_https_before_fetching(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv(download.MIRRORS_ENV, f"https://example.invalid/mnist/ {mirror}")
+    result = runner.invoke(app, ["data", "download", "mnist", "--dir", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: mirror {mirror}: not an https URL (plain http is allowed only to 127.0.0.1 "
+                             f"or localhost); check {download.MIRRORS_ENV}\n")
+    assert not (tmp_path / "m").exists()

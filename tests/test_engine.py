@@ -11,7 +11,7 @@ below any real change (one update moves weights by ~lr * grad ~ 1e-3) and far ab
 import numpy as np
 import pytest
 
-from distmlp import config, data, driver, trainer
+from distmlp import config, data, step, trainer, transport
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -36,7 +36,7 @@ def local(source):
 
 
 def run_ray(job, source):
-    backend = driver.RayBackend(source, job)
+    backend = transport.start(source, job)
     try:
         return trainer.train(job, backend), backend
     finally:
@@ -69,12 +69,12 @@ def test_repeated_runs_bit_identical(ray_session, source, optimizer):
 
 def test_minibatch_indices_go_to_their_owner(ray_session, source):
     job = job_for("minibatch", 3, steps=1)
-    backend = driver.RayBackend(source, job)
+    backend = transport.start(source, job)
     try:
         batch = np.array([0, 2666, 2667, 5333, 5334, 7999, 4000])
-        shares = backend._split(batch)
+        shares = step.shares(batch, backend.group.bounds)
         assert {r: list(v) for r, v in shares.items()} == {0: [0, 2666], 1: [0, 2666, 1333], 2: [0, 2665]}
-        infos = backend.worker_info
+        infos = backend.group.worker_info
         assert [i["n_train"] for i in infos] == [2667, 2667, 2666]
         assert [i["n_test"] for i in infos] == [667, 667, 666]
     finally:
@@ -83,7 +83,7 @@ def test_minibatch_indices_go_to_their_owner(ray_session, source):
 
 def test_workers_read_parquet_shards_and_match_idx(ray_session, source, tmp_path):
     """Same rows from Parquet shards (3 files, by file:// URI) as from IDX: bit-identical training."""
-    from distmlp import shards
+    from distmlp.data import parquet as shards
     shards.convert(source, tmp_path / "shards", 3)
     parquet = data.resolve(path=(tmp_path / "shards").as_uri())
     assert parquet.train.kind == "parquet" and parquet.train.count == source.train.count
@@ -93,3 +93,18 @@ def test_workers_read_parquet_shards_and_match_idx(ray_session, source, tmp_path
     for name in from_idx.params:
         assert np.array_equal(from_idx.params[name], from_parquet.params[name]), name
     assert from_idx.metrics["test_accuracy"] == from_parquet.metrics["test_accuracy"]
+
+
+@pytest.mark.parametrize("n,chunk", [(400, 1024), (400, 128), (399, 100), (1, 7)])
+def test_chunked_full_batch_sums_equal_one_pass_within_rounding(source, n, chunk):
+    """A worker's full-shard sums, chunk rows at a time, equal one pass within rounding (bitwise in one chunk)."""
+    from distmlp import mlp, worker
+    x8, y = data.load_rows(source.train, 0, n)
+    params = mlp.init_params((784, 16, 16, 10), np.random.default_rng(6), np.float64)
+    expected, loss, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x8, np.float64), y)
+    got, got_loss, got_count = worker.chunked_grad_sums(params, x8, y, np.float64, chunk)
+    assert got_count == count == n and got_loss == pytest.approx(loss, rel=1e-12)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        if n <= chunk:
+            assert got[name].tobytes() == expected[name].tobytes(), name

@@ -1,7 +1,7 @@
 """Lose workers for real (SIGKILL, SIGSTOP) and the driver; the weights come out bit-identical.
 
 Each fault is injected by a training hook (it runs in the driver between steps) or by a timer
-thread, against the worker pids in backend.worker_info. The reference is an unfailed run of
+thread, against the worker pids in backend.group.worker_info. The reference is an unfailed run of
 the same job (same seed and worker count) in the same Ray: recomputing a step is a pure
 function of (weights, indices), so a recovered run must match it bit for bit.
 """
@@ -18,7 +18,7 @@ import pytest
 import ray.cloudpickle
 from typer.testing import CliRunner
 
-from distmlp import checkpoint, config, data, driver, trainer
+from distmlp import checkpoint, config, data, driver, trainer, transport
 from distmlp.cli import app
 from distmlp.worker import ShardWorker
 from hooks import AtStep, alive, kill
@@ -49,7 +49,7 @@ def reference(ray_session, source):
 
 def run(job, source, hooks=(), worker_cls=None):
     """(final state, backend) of job on RayBackend with extra hooks that get the backend."""
-    backend = driver.RayBackend(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
+    backend = transport.start(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
     try:
         return trainer.train(job, backend, hooks=[h(backend) for h in hooks]), backend
     finally:
@@ -77,7 +77,7 @@ SlowRemote = ray.remote(SlowAtStep)
 def kill_later(rank, delay_s, log):
     """Action: SIGKILL worker rank delay_s from now, from a timer thread (mid-step)."""
     def action(backend):
-        pid = backend.worker_info[rank]["pid"]
+        pid = backend.group.worker_info[rank]["pid"]
         timer = threading.Timer(delay_s, lambda: (os.kill(pid, signal.SIGKILL), log.append(pid)))
         timer.start()
     return action
@@ -92,27 +92,26 @@ def test_sigkill_mid_step_restarts_the_worker_and_ends_bit_identical(ray_session
     with caplog.at_level(logging.WARNING, logger="distmlp"):
         state, backend = run(job_for("gd"), source, [AtStep(3, kill_later(1, 0.3, killed))], SlowRemote)
     assert len(killed) == 1 and not alive(killed[0])
-    assert backend.failures == 1
-    assert backend.worker_info[1]["pid"] != killed[0]
+    assert backend.group.failures == 1
+    assert backend.group.worker_info[1]["pid"] != killed[0]
     warnings = [r.getMessage() for r in caplog.records if "restarting" in r.getMessage()]
     assert len(warnings) == 1 and f"worker 1 (pid {killed[0]}" in warnings[0] and "died during step 4" in warnings[0]
     assert_bit_identical(state, reference["gd"])
 
 
-@pytest.mark.parametrize("rank, transport", [(0, "actors"), (1, "compiled")])
-def test_sigkill_between_minibatch_steps_is_seen_and_recomputed(ray_session, source, reference, rank, transport):
-    """minibatch: the kill lands between steps 5 and 6; step 6 fails, is recomputed, nothing lost
-    (with the compiled-graph transport the failed graph hands the step to the actor calls)."""
+@pytest.mark.parametrize("rank, kind", [(0, "actors"), (1, "mesh")])
+def test_sigkill_between_minibatch_steps_is_seen_and_recomputed(ray_session, source, reference, rank, kind):
+    """minibatch: the kill lands between steps 5 and 6; step 6 fails, is recomputed, nothing lost."""
     killed = []
-    state, backend = run(job_for("minibatch", transport=transport), source, [AtStep(5, kill(rank, log=killed))])
-    assert backend.failures == 1 and backend.worker_info[rank]["pid"] != killed[0][0]
+    state, backend = run(job_for("minibatch", transport=kind), source, [AtStep(5, kill(rank, log=killed))])
+    assert backend.group.failures == 1 and backend.group.worker_info[rank]["pid"] != killed[0][0]
     assert_bit_identical(state, reference["minibatch"])
 
 
 def test_unlimited_budget_survives_more_kills_than_the_default(ray_session, source, reference):
     kills = [AtStep(step, kill(step % 2)) for step in (1, 2, 3, 4)]
     state, backend = run(job_for("gd", max_failures=-1), source, kills)
-    assert backend.failures == 4
+    assert backend.group.failures == 4
     assert_bit_identical(state, reference["gd"])
 
 
@@ -131,7 +130,7 @@ def test_spent_budget_stops_within_30s_naming_worker_step_count_and_checkpoint(r
                                       "--set", "cluster.cpus_per_worker=0.5", "--set", "cluster.max_failures=1",
                                       "--set", "run.checkpoint_every=2", "--run-dir", str(run_dir)])
     stopped = time.perf_counter()
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output  # a run that stopped part-way
     last = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
     pid = killed[1][0]
@@ -160,7 +159,7 @@ def test_sigstop_is_a_timeout_the_worker_is_replaced_and_the_run_bit_identical(r
                 os.kill(pid, signal.SIGCONT)
                 os.kill(pid, signal.SIGKILL)
     pid = stopped[0][0]
-    assert backend.failures == 1 and backend.worker_info[0]["pid"] != pid
+    assert backend.group.failures == 1 and backend.group.worker_info[0]["pid"] != pid
     assert not alive(pid), "the hung worker process was not killed"
     assert_bit_identical(state, reference["gd"])
     print(f"SIGSTOP recovery: run took {wall:.1f} s including the 3 s timeout")

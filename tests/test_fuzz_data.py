@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distmlp import data, shards
+from distmlp import data
+from distmlp.data import parquet as shards
 
 N = 100
 RNG = np.random.default_rng(7)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from distmlp import config, data, driver, mesh, mlp, optim, trainer
+from distmlp import config, connect, data, mesh, mlp, optim, step, trainer, transport
 from hooks import AtStep
 
 
@@ -39,10 +39,10 @@ def test_flat_update_is_optim_step_bit_for_bit(dtype, momentum):
     state = optim.init_state(params, momentum)
     if momentum:
         state = {k: rng.normal(size=v.shape).astype(dtype) for k, v in state.items()}
-    weights = mesh.FlatUpdate((params, state), momentum)
+    weights = step.FlatWeights(params, state, momentum)
     for count in (7, 1, 32):
         grads = {k: rng.normal(size=v.shape).astype(dtype) * 10 for k, v in params.items()}
-        mesh.flatten(grads, mlp.param_names(3), out=weights.total)
+        step.flatten(grads, mlp.param_names(3), out=weights.total)
         assert weights.apply(0.05, count)
         params, state = optim.step(params, optim.mean_grads(grads, count), state, 0.05, momentum)
         got_params, got_state = weights.state()
@@ -53,7 +53,7 @@ def test_flat_update_is_optim_step_bit_for_bit(dtype, momentum):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
 def test_flat_update_refuses_a_non_finite_update_and_changes_nothing(bad):
     params = params_for(3, np.float32, (6, 4, 3))
-    weights = mesh.FlatUpdate((params, {}), 0.0)
+    weights = step.FlatWeights(params, {}, 0.0)
     weights.total[:] = 1.0
     weights.total[5] = bad  # 3e38 / 1 * lr 1e3: overflows float32
     assert not weights.apply(1e3, 1)
@@ -62,17 +62,16 @@ def test_flat_update_refuses_a_non_finite_update_and_changes_nothing(bad):
 
 def test_layout_round_trips_every_array():
     params = params_for(4, np.float64, (9, 5, 4, 2))
-    names = mlp.param_names(3)
-    places = mesh.layout(params, names)
-    flat = mesh.flatten(params, names)
-    assert flat.size == sum(p.size for p in params.values()) == places[-1][2]
-    assert bits_equal(mesh.unflatten(flat, places), params)
+    weights = step.FlatWeights(params, {}, 0.0)
+    flat = step.flatten(params, mlp.param_names(3))
+    assert flat.size == sum(p.size for p in params.values()) == weights.places[-1][2]
+    assert bits_equal(weights.current(), params) and flat.tobytes() == weights.params[0].tobytes()
 
 
 def connect_all(directory, n, items=10, timeout=5.0, gen=0):
     """n Peers made in threads (each blocks until the others connect); {rank: Peers}."""
     out, errors = {}, []
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def make(rank):
         try:
@@ -108,7 +107,7 @@ def exchange_all(peers, step, headers):
 
 def test_peers_share_headers_and_slots_and_leave_no_files(tmp_path):
     peers = connect_all(tmp_path / "mesh", 3)
-    assert os.listdir(tmp_path) == []  # sockets, slot files and their directory gone once all are mapped
+    assert os.listdir(tmp_path / "mesh") == []  # sockets and slot files gone once all are mapped
     for rank, p in peers.items():
         p.mine[1] = rank + 0.5
     got, errors = exchange_all(peers, 5, {r: (r * 1.5, r + 1, int(r == 0)) for r in peers})
@@ -159,13 +158,13 @@ class Rounds(trainer.Hook):
 
     def __init__(self, backend):
         self.records, self.rounds = [], 0
-        if backend.mesh is not None:
-            inner = backend.mesh.run_steps
+        if isinstance(backend, transport.MeshTransport):
+            inner = backend.run_steps
 
-            def counted(state, stop):
+            def counted(state, stop, plan):
                 self.rounds += 1
-                return inner(state, stop)
-            backend.mesh.run_steps = counted
+                return inner(state, stop, plan)
+            backend.run_steps = counted
 
     def on_step(self, state, record):
         self.records.append(record)
@@ -173,7 +172,7 @@ class Rounds(trainer.Hook):
 
 def run(job, source, hooks=(), worker_cls=None):
     """(final state, backend, Rounds) of job on a RayBackend."""
-    backend = driver.RayBackend(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
+    backend = transport.start(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
     rounds = Rounds(backend)
     try:
         return trainer.train(job, backend, hooks=[rounds, *(h(backend) for h in hooks)]), backend, rounds
@@ -199,7 +198,7 @@ def test_mesh_equals_actor_calls_bit_for_bit(ray_session, source, case):
     job = job_for(name, "auto", steps, workers, **extra)
     got, backend, rounds = run(job, source)
     want, reference, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
-    assert backend.mesh is not None and reference.mesh is None
+    assert isinstance(backend, transport.MeshTransport) and not isinstance(reference, transport.MeshTransport)
     assert got.step == want.step == steps and got.samples_seen == want.samples_seen
     assert bits_equal(got.params, want.params) and bits_equal(got.opt_state, want.opt_state)
     for key in ("train_loss", "test_loss", "test_accuracy", "samples_seen", "epoch"):
@@ -212,7 +211,7 @@ def test_rounds_cut_at_every_step_give_the_same_bits(ray_session, source, monkey
     """ROUND_S = 0: rank 0 ends every round after one step (the time-based end agreed in the header)."""
     job = job_for("minibatch", "mesh", 12)
     want, _, _ = run(job, source)
-    monkeypatch.setattr(mesh, "ROUND_S", 0.0)
+    monkeypatch.setattr(trainer, "ROUND_S", 0.0)
     got, _, rounds = run(job, source)
     assert rounds.rounds == 12
     assert bits_equal(got.params, want.params) and got.metrics["test_loss"] == want.metrics["test_loss"]
@@ -222,17 +221,17 @@ def test_hook_and_checkpoint_steps_end_rounds(ray_session, source, tmp_path):
     from distmlp import checkpoint
     job = job_for("minibatch", "auto", 20, run={"eval_every": 0, "steps": 20})
     seen = []
-    hook = AtStep(6, lambda backend: seen.append(os.path.exists(backend.mesh.dir)))
+    hook = AtStep(6, lambda backend: seen.append(os.listdir(backend.dir)))
     ckpt = checkpoint.CheckpointHook(tmp_path, job, every=8, keep_last=5)
-    backend = driver.RayBackend(source, job)
+    backend = transport.start(source, job)
     rounds = Rounds(backend)
     try:
         state = trainer.train(job, backend, hooks=[rounds, hook(backend), ckpt])
     finally:
         backend.close()
     assert rounds.rounds == 4  # [0, 6), [6, 8), [8, 16), [16, 20)
-    assert seen == [False]  # nothing named in shared memory while the run goes
-    assert not os.path.exists(backend.mesh.dir)  # and the directory is gone after close
+    assert seen == [[]]  # nothing named in the (private) mesh directory while the run goes
+    assert not os.path.exists(backend.dir)  # and the directory is gone after close
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert saved == ["step-000008", "step-000016", "step-000020"]
     reference, _, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
@@ -250,7 +249,7 @@ def test_a_worker_killed_in_the_middle_of_a_round_is_replaced_and_the_round_reru
     killed = []
 
     def kill_soon(backend):
-        pid = backend.worker_info[1]["pid"]
+        pid = backend.group.worker_info[1]["pid"]
         threading.Timer(0.15, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid))).start()
 
     class KillAtStart(trainer.Hook):
@@ -262,7 +261,7 @@ def test_a_worker_killed_in_the_middle_of_a_round_is_replaced_and_the_round_reru
 
     with caplog.at_level(logging.WARNING, logger="distmlp"):
         got, backend, rounds = run(job, source, [KillAtStart])
-    assert len(killed) == 1 and backend.failures == 1 and backend.worker_info[1]["pid"] != killed[0]
+    assert len(killed) == 1 and backend.group.failures == 1 and backend.group.worker_info[1]["pid"] != killed[0]
     warnings = [r.getMessage() for r in caplog.records if "restarting" in r.getMessage()]
     assert len(warnings) == 1 and re.search(rf"worker 1 \(pid {killed[0]} .*died during step \d+", warnings[0])
     assert bits_equal(got.params, want.params) and got.step == 1500
@@ -281,11 +280,96 @@ def test_nonfinite_steps_go_to_the_loop_with_the_same_outcome_as_actor_calls(ray
 
 
 def test_transport_mesh_needs_the_workers_on_the_drivers_node(ray_session, source, monkeypatch):
-    monkeypatch.setattr(mesh, "eligible", lambda backend, here: False)
-    with pytest.raises(driver.ClusterError, match=r"cluster.transport = mesh needs every worker on the driver's node"):
-        driver.RayBackend(source, job_for("minibatch", "mesh", 2))
-    backend = driver.RayBackend(source, job_for("minibatch", "auto", 2))  # auto: actor calls then
+    monkeypatch.setattr(mesh, "eligible", lambda group, here: False)
+    with pytest.raises(connect.ClusterError, match=r"cluster.transport = mesh needs every worker on the driver's node"):
+        transport.start(source, job_for("minibatch", "mesh", 2))
+    backend = transport.start(source, job_for("minibatch", "auto", 2))  # auto: actor calls then
     try:
-        assert backend.mesh is None
+        assert isinstance(backend, transport.ActorTransport)
+    finally:
+        backend.close()
+
+
+# ------------------------------------------------------- shared memory another local user can reach
+
+
+def test_a_mesh_directory_that_is_not_private_is_refused(tmp_path):
+    """A symlink, a group- or world-readable directory, or another user's directory: no file made."""
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(victim)
+    (tmp_path / "open").mkdir(mode=0o755)
+    os.chmod(tmp_path / "open", 0o755)
+    (tmp_path / "theirs").mkdir(mode=0o700)
+    os.chown(tmp_path / "theirs", 65534, 65534) if os.getuid() == 0 else None
+    cases = ["link", "open"] + (["theirs"] if os.getuid() == 0 else [])
+    for name in cases:
+        with pytest.raises(PermissionError, match="not a private directory of this user"):
+            mesh.Peers(str(tmp_path / name), 0, 0, 1, 10, np.float32, 1.0)
+    assert os.listdir(victim) == [] and os.listdir(tmp_path / "open") == []
+
+
+def test_a_symlink_planted_at_a_slot_path_is_not_followed(tmp_path):
+    """Another user who could create files in the directory cannot make a worker truncate a victim file."""
+    directory = tmp_path / "mesh"
+    directory.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (directory / "g0-r0.buf").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        mesh.Peers(str(directory), 0, 0, 1, 10, np.float32, 1.0)
+    assert victim.read_text() == "precious"
+
+
+def test_slot_files_are_made_new_with_mode_0600(tmp_path):
+    slot = mesh._map(str(tmp_path / "s.buf"), np.float32, (2, 8), create=True)
+    assert slot.shape == (2, 8) and (os.stat(tmp_path / "s.buf").st_mode & 0o777) == 0o600
+
+
+def test_a_peer_claiming_a_bad_rank_or_another_users_connection_is_refused(tmp_path, monkeypatch):
+    import socket as socketlib
+    import struct
+    directory = tmp_path / "mesh"
+    directory.mkdir(mode=0o700)
+    for claimed in (7, 0):  # out of range; rank 0's own rank
+        errors = []
+
+        def listen():
+            try:
+                mesh.Peers(str(directory), claimed, 0, 2, 10, np.float32, 5.0)
+            except Exception as e:  # reported below
+                errors.append(e)
+        t = threading.Thread(target=listen)
+        t.start()
+        sock = mesh._connect(str(directory / f"g{claimed}-r0.sock"), time.monotonic() + 5)
+        sock.sendall(struct.pack("<q", claimed))
+        t.join(10)
+        sock.close()
+        assert len(errors) == 1 and isinstance(errors[0], mesh.MeshBroken), errors
+        assert f"claimed rank {claimed}, not one of the unseen ranks above 0" in str(errors[0])
+    a, b = socketlib.socketpair(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    mesh._check_peer(a, 1)  # this user: accepted
+    monkeypatch.setattr(mesh.os, "getuid", lambda: 4242)
+    with pytest.raises(mesh.MeshBroken, match=r"worker 1 connected as user \d+, not this user"):
+        mesh._check_peer(b, 1)
+
+
+def test_stale_mesh_directories_of_dead_drivers_are_swept():
+    dead = mesh.tempfile.mkdtemp(prefix=f"{mesh.PREFIX}{2**22 + 17}-", dir=mesh.shm_dir())
+    live = mesh.make_dir()
+    try:
+        mesh.sweep_stale()
+        assert not os.path.exists(dead) and os.path.isdir(live)
+    finally:
+        os.rmdir(live)
+
+
+def test_too_little_shared_memory_means_actor_calls_with_a_warning(ray_session, source, monkeypatch, caplog):
+    monkeypatch.setattr(mesh, "room_for", lambda workers, n_items, itemsize: False)
+    with caplog.at_level(logging.WARNING, logger="distmlp"):
+        backend = transport.start(source, job_for("minibatch", "auto", 2))
+    try:
+        assert isinstance(backend, transport.ActorTransport)
+        assert any("too little free space" in r.getMessage() for r in caplog.records)
     finally:
         backend.close()

@@ -246,8 +246,6 @@ def test_gradient_sums_over_two_parts_equal_the_whole(digits, start, split):
     assert l1 + l2 == pytest.approx(loss, rel=1e-12)
     for name in whole:
         np.testing.assert_allclose(g1[name] + g2[name], whole[name], rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(optim.add_into({name: g1[name].copy()}, {name: g2[name]})[name], whole[name],
-                                   rtol=1e-12, atol=1e-14)
 
 
 def test_softmax_is_stable_for_huge_logits():

@@ -37,3 +37,24 @@ def test_losing_a_node_restarts_its_worker_on_a_new_node_bit_identical():
     assert out["failures"] == 1 and out["steps"] == 5
     assert out["failed"] == out["clean"]  # hex of every weight's bytes
     print(f"node loss: recovered in {out['recovery_s']:.1f} s (node added, worker restarted, step recomputed)")
+
+
+def test_a_node_lost_for_good_shrinks_the_group_and_a_node_added_grows_it_bit_identically():
+    """3 workers on 3 nodes; worker 2's node removed after step 20 and never replaced: the failed
+    step is computed again by 2 workers; a node added after step 150: back to 3. The weights equal
+    a run taken by hand through the same worker counts at the same steps (3, then 2, then 3)."""
+    out = run_script("elastic", timeout=600)
+    shrink, grow = out["changes"]
+    assert (shrink["workers_before"], shrink["workers_after"], shrink["step"]) == (3, 2, 20)
+    assert (grow["workers_before"], grow["workers_after"]) == (2, 3) and 150 <= grow["step"] < 400
+    assert out["steps"] == 400
+    assert out["elastic"] == out["by_hand"]  # hex of every weight's bytes
+    print(f"elastic: loss to next completed step {out['recovered_s']:.1f} s (replace_timeout_s 5); "
+          f"regrouped in {shrink['seconds']:.1f} s, grew at step {grow['step']} in {grow['seconds']:.1f} s")
+
+
+def test_below_min_workers_the_run_stops_naming_workers_minimum_and_checkpoint():
+    out = run_script("below_min")
+    assert out["kind"] == "WorkerFailure", out
+    assert "1 worker(s) left, cluster.min_workers is 2" in out["error"]
+    assert "last good checkpoint" in out["error"] and "step-0000" in out["error"]

@@ -76,13 +76,19 @@ def test_weighted_mean_of_unequal_parts_equals_the_mean_over_all_examples():
     """Workers with 3 and 5 examples: (sum1 + sum2) / 8, not the mean of the two means."""
     rng = np.random.default_rng(1)
     per_example = rng.standard_normal((8, 4))
-    total = optim.add_into({"b1": per_example[:3].sum(axis=0)}, {"b1": per_example[3:].sum(axis=0)})
+    total = {"b1": per_example[:3].sum(axis=0) + per_example[3:].sum(axis=0)}
     np.testing.assert_allclose(optim.mean_grads(total, 8)["b1"], per_example.mean(axis=0), rtol=1e-14)
 
 
-def test_add_into_accumulates_in_place():
-    total = {"W1": np.zeros(2)}
-    returned = optim.add_into(total, {"W1": np.array([1.0, 2.0])})
-    optim.add_into(total, {"W1": np.array([1.0, 2.0])})
-    assert returned is total
-    np.testing.assert_array_equal(total["W1"], [2.0, 4.0])
+def test_update_on_one_flat_array_equals_step_on_a_dict_bit_for_bit():
+    params, grads = params_and_grads()
+    for momentum in (0.0, 0.9):
+        state = {k: v * 0.5 for k, v in grads.items()} if momentum else {}
+        new, new_state = optim.step(params, grads, state, 0.1, momentum)
+        flat = lambda d: np.concatenate([d[k].ravel() for k in ("W1", "b1")])  # noqa: E731
+        p_out, v_out = np.empty(16), np.empty(16)
+        optim.update(flat(params), flat(grads), flat(state) if momentum else None, 0.1, momentum, p_out,
+                     v_out if momentum else None)
+        assert p_out.tobytes() == flat(new).tobytes()
+        if momentum:
+            assert v_out.tobytes() == flat(new_state).tobytes()

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from distmlp import data, shards
+from distmlp import data
+from distmlp.data import parquet as shards
 from distmlp.cli import app
 
 ROW_GROUP = 500
@@ -70,7 +71,7 @@ def test_test_split_and_split_offsets(converted, sample):
     x, y = data.load_rows(source.test)
     np.testing.assert_array_equal(x, sample[1]["test"][0])
     np.testing.assert_array_equal(y, sample[1]["test"][1])
-    sub = data.Split("parquet", str(converted), "test", 600, 100)  # rows 600..700 straddle a file
+    sub = shards.ParquetSplit(str(converted), "test", 600, 100)  # rows 600..700 straddle a file
     np.testing.assert_array_equal(data.load_rows(sub, 50, 90)[1], sample[1]["test"][1][650:690])
 
 
@@ -167,7 +168,11 @@ def edit_manifest(copy, edit):
     (lambda m: m["splits"]["train"].update(rows=9000), "file rows add up to 8000, not 9000"),
     (lambda m: m["splits"]["train"]["files"][0].update(name="../../etc/passwd"), "is not a plain file name"),
     (lambda m: m["splits"]["train"]["files"][0].update(rows=True), "needs name, rows, sha256"),
-], ids=["version", "format", "missing split", "image shape", "rows sum", "path escape", "bool rows"])
+    (lambda m: m["splits"]["train"]["files"][0].update(rows=(1 << 32) // 785 + 1),
+     f"file train-00000-of-00003.parquet declares {(1 << 32) // 785 + 1} rows of 784 pixels, more than the "
+     f"{(1 << 32) - 1} bytes distmlp reads from one file"),
+], ids=["version", "format", "missing split", "image shape", "rows sum", "path escape", "bool rows",
+        "rows over the size limit"])
 def test_bad_manifest_names_it(copy, edit, message):
     edit_manifest(copy, edit)
     with pytest.raises(data.DataError, match=f"{copy}/manifest.json: .*{message}"):

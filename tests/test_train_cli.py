@@ -42,8 +42,9 @@ def test_quickstart_trains_to_90_percent(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(proc.stdout.strip().splitlines()) == 1, "with --json, stdout holds only the summary"
     assert set(summary) == {"run_dir", "checkpoint", "workers", "optimizer", "steps", "epochs",
-                            "train_loss", "test_loss", "test_accuracy", "wall_s", "examples_per_s",
-                            "best_checkpoint", "dataset", "data_path"}
+                            "train_loss", "test_loss", "test_accuracy", "wall_s", "membership",
+                            "examples_per_s", "best_checkpoint", "dataset", "data_path"}
+    assert summary["membership"] == []  # no worker came or went
     assert summary["best_checkpoint"] == summary["checkpoint"] and summary["examples_per_s"] > 0
     assert summary["test_accuracy"] >= 0.90, summary
     assert (summary["workers"], summary["optimizer"], summary["steps"]) == (2, "minibatch", 1250)
@@ -63,7 +64,7 @@ def test_quickstart_trains_to_90_percent(tmp_path):
     (["--dataset", "nope"], "unknown data set 'nope'"),
     (["--data", "/nonexistent/dir"], "/nonexistent/dir: no such data directory"),
     (["--batch-size", "9000"], "optimizer.batch_size: 9000 is larger than the 8000 training examples"),
-    (["--workers", "0"], "cluster.workers"),
+    (["--workers", "-1"], "cluster.workers"),
     (["--set", "optimizer.lr"], "expected section.key=value"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
@@ -77,7 +78,10 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
 
 @pytest.mark.parametrize("args,message", [
     (["--resume", "/nonexistent/run"], "/nonexistent/run"),
-    (["--resume", "/nonexistent/run", "--steps", "5"], "--resume takes the job saved in the run directory"),
+    (["--resume", "/nonexistent/run", "--lr", "0.5"], "--resume: optimizer.lr would change the run's math"),
+    (["--resume", "/nonexistent/run", "--set", "run.seed=3"], "--resume: run.seed would change the run's math"),
+    (["--resume", "/nonexistent/run", "--set", "model.sizes=[784, 10]"], "--resume: model.sizes would change"),
+    (["--resume", "/nonexistent/run", "--run-dir", "x"], "--resume takes the job and run directory saved in RUN_DIR"),
 ])
 def test_resume_mistakes_are_one_line_and_exit_2(args, message):
     result = CliRunner().invoke(app, ["train", *args])

@@ -24,7 +24,7 @@ def fake_training(monkeypatch):
     """Replace the training run by one that prints a progress line and returns SUMMARY."""
     calls = []
 
-    def run_training(job, resume=None, json_mode=False, echo=print, address=None):
+    def run_training(job, resume=None, json_mode=False, echo=print, address=None, resume_updates=None):
         calls.append({"json_mode": json_mode})
         echo("step 1/100 | progress")
         return dict(SUMMARY)

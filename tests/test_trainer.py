@@ -179,7 +179,7 @@ def test_epochs_set_the_number_of_steps(backend):
     assert trainer.total_steps(job, trainer.make_sampler(job, 8000)) == 5
 
 
-class Hooks:
+class Hooks(trainer.Hook):
     def __init__(self):
         self.calls = []
 
@@ -206,21 +206,18 @@ def test_hooks_see_every_step_and_evaluations_on_schedule(backend):
     assert all(r["samples_seen"] == 100 * r["step"] and np.isfinite(r["train_loss"]) for r in steps)
 
 
-class PoisonedBackend:
+class PoisonedBackend(trainer.LocalBackend):
     """LocalBackend whose gradient sums turn to NaN at the given (0-based) steps."""
 
     def __init__(self, inner, bad_steps):
-        self.inner, self.bad_steps = inner, set(bad_steps)
-        self.n_train, self.n_test, self.workers = inner.n_train, inner.n_test, inner.workers
+        vars(self).update(vars(inner))
+        self.bad_steps = set(bad_steps)
 
-    def grad_sums(self, params, batch, step=None):
-        result = self.inner.grad_sums(params, batch, step)
+    def grad_sums(self, params, batch, step):
+        grads, loss_sum, count = super().grad_sums(params, batch, step)
         if step in self.bad_steps:
-            result.grads["W2"][0, 0] = np.nan
-        return result
-
-    def evaluate(self, params):
-        return self.inner.evaluate(params)
+            grads["W2"][0, 0] = np.nan
+        return grads, loss_sum, count
 
 
 def test_a_nonfinite_gradient_stops_the_run_naming_the_step(backend):

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from distmlp import __version__
-from distmlp.errors import UserError
+from distmlp.errors import RunStopped, UserError
 
 app = typer.Typer(
     name="distmlp",
@@ -22,14 +22,14 @@ app = typer.Typer(
 
 
 def user_errors(fn):
-    """Turn a UserError into one line on stderr and exit code 2 (no traceback)."""
+    """Turn a UserError into one line on stderr and exit code 2 (3 for a run that stopped part-way), no traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(3 if isinstance(e, RunStopped) else 2) from None
     return wrapper
 
 

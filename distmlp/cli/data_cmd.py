@@ -53,8 +53,8 @@ def convert(out: Annotated[str, typer.Option("-o", "--out", help="New directory 
 
     Example: distmlp data convert --dataset mnist-sample --shards 4 -o shards/mnist-sample
     """
-    from distmlp import shards as shard_files
-    manifest = shard_files.convert(resolve_source(data_dir, dataset), out, shards, row_group)
+    from distmlp.data import parquet
+    manifest = parquet.convert(resolve_source(data_dir, dataset), out, shards, row_group)
     for name, split in manifest["splits"].items():
         typer.echo(f"{name}: {split['rows']} rows in {len(split['files'])} files")
     typer.echo(f"wrote {out}")
@@ -65,12 +65,13 @@ def convert(out: Annotated[str, typer.Option("-o", "--out", help="New directory 
 def download(dataset: Annotated[str, typer.Argument(help="The data set to fetch: mnist.")],
              directory: Annotated[Optional[str], typer.Option(
                  "--dir", help="Where to put the files (default: $DISTMLP_DATA/mnist or the user cache).")] = None):
-    """Fetch a data set's official files from public mirrors, md5-verified, written atomically.
+    """Fetch a data set's official files from https mirrors, checked against their published size,
+    md5 and sha256, written atomically.
 
-    Mirrors are tried in order; set DISTMLP_MNIST_MIRRORS to use others.
+    Mirrors are tried in order; set DISTMLP_MNIST_MIRRORS to use others (https only).
     Example: distmlp data download mnist
     """
-    from distmlp import download as fetch
+    from distmlp.data import download as fetch
     paths = fetch.download(dataset, directory, progress=True, log=lambda line: typer.echo(line, err=True))
     use = f"--dataset {dataset}" if directory is None else f"--data {paths[0].parent}"
     typer.echo(f"{dataset}: {len(paths)} files in {paths[0].parent}; use it with {use}")

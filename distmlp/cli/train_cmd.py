@@ -49,7 +49,8 @@ def train(
                                           "default: start an embedded local Ray.")] = None,
     run_dir: Annotated[Optional[str], Opt("--run-dir", help="Run directory (default runs/<time>-<name>).")] = None,
     set_: Annotated[Optional[list[str]], Opt("--set", help="Override a job key: section.key=value (repeatable).")] = None,
-    resume: Annotated[Optional[str], Opt("--resume", help="Continue RUN_DIR from its newest valid checkpoint.")] = None,
+    resume: Annotated[Optional[str], Opt("--resume", help="Continue RUN_DIR from its newest valid checkpoint "
+                                         "(with --workers, --steps/--epochs, --set cluster.*/run.* to change).")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print one JSON summary as the last line of stdout.")] = False,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress output: only errors and the summary.")] = False,
 ):
@@ -59,10 +60,13 @@ def train(
     """
     updates = job_updates(data_dir, dataset, workers, optimizer, lr, batch_size, epochs, steps, seed,
                           address, run_dir)
+    resume_updates = None
     if resume is not None:
-        if job_file or set_ or set(updates) - {"cluster.address"}:
-            raise config.ConfigError("--resume takes the job saved in the run directory; "
-                                     "only --address and --json may go with it")
+        if job_file or run_dir is not None:
+            raise config.ConfigError("--resume takes the job and run directory saved in RUN_DIR; "
+                                     "give no job file or --run-dir with it")
+        resume_updates = {**dict(config.parse_override_key(text) for text in set_ or ()), **updates}
+        resume_updates.pop("cluster.address", None)
         job = None
     else:
         job = config.load_job(job_file, set_ or (), updates)
@@ -71,7 +75,8 @@ def train(
     else:
         echo = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
     # json_mode: no progress bar (stdout is for the JSON line, or --quiet shows nothing)
-    summary = run_training(job, resume=resume, json_mode=as_json or quiet, echo=echo, address=address)
+    summary = run_training(job, resume=resume, json_mode=as_json or quiet, echo=echo, address=address,
+                           resume_updates=resume_updates)
     typer.echo(json.dumps(summary) if as_json else format_summary(summary))
 
 
@@ -93,6 +98,7 @@ def format_summary(summary):
     ])
 
 
-def run_training(job, resume=None, json_mode=False, echo=print, address=None):
+def run_training(job, resume=None, json_mode=False, echo=print, address=None, resume_updates=None):
     from distmlp import driver
-    return driver.run_job(job, resume=resume, json_mode=json_mode, echo=echo, address=address)
+    return driver.run_job(job, resume=resume, json_mode=json_mode, echo=echo, address=address,
+                          resume_updates=resume_updates)

@@ -10,16 +10,17 @@ repetition/definition levels, so reading 8,000 rows takes ~40 ms instead of ~380
 is smaller; the column's data buffer is the (n, 784) uint8 array, read without a copy.
 Pages carry CRCs, checked on read, so a flipped byte in the
 rows a worker reads is caught without hashing whole files (the manifest's sha256s are checked
-by `verify`).
+by `verify`). Before a page is decoded, a file's footer must agree with the manifest (rows,
+pixel width, row groups, uncompressed sizes), so a small file cannot decode to a large buffer.
 """
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from distmlp import data, fsutil
-from distmlp.data import DataError
+from distmlp import fsutil
+from distmlp.data.source import MAX_FILE_BYTES, DataError, DataSource, check_labels, digests, shard_bounds
 
 FORMAT = "distmlp-shards"
 VERSION = 1
@@ -37,6 +38,8 @@ SPLITS = ("train", "test")
 ROW_GROUP = 4096  # rows per row group: 3.2 MB of pixels, the unit a reader fetches
 _MAX_MANIFEST = 1 << 20
 _MAX_SIDE = 1 << 12  # image side; keeps a row's pixel count a size pyarrow and numpy accept
+_ROW_EXTRA = 8  # bytes a row may take beyond its pixels once uncompressed: an int32 label, a dictionary index
+_PAGE_EXTRA = 1 << 16  # bytes a row group may take beyond its rows: page headers, the labels' dictionary
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)  # ArrowException covers Arrow's
 # own MemoryError, TypeError, IndexError... raised for a corrupt file; plain Python ones are bugs
 
@@ -85,8 +88,7 @@ def convert(source, out, n_shards, row_group=ROW_GROUP):
         manifest = {"format": FORMAT, "version": VERSION, "name": source.name, "splits": {}}
         for name in SPLITS:
             split = getattr(source, name)
-            shape = data.image_shape(split)
-            manifest["image_shape"] = list(shape)
+            manifest["image_shape"] = list(split.image_shape())
             manifest["splits"][name] = _write_split(tmp, name, split, n_shards, row_group)
         fsutil.write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         os.rename(tmp, out)
@@ -105,12 +107,13 @@ def _umask():
 
 def _write_split(directory, name, split, n_shards, row_group):
     files = []
-    for i, (a, b) in enumerate(data.shard_bounds(split.count, n_shards)):
-        x, y = data.load_rows(split, a, b)  # (n, 784), (n,)
+    for i, (a, b) in enumerate(shard_bounds(split.count, n_shards)):
+        x, y = split.read(a, b)  # (n, 784), (n,)
         file_name = f"{name}-{i:05d}-of-{n_shards:05d}.parquet"
         path = directory / file_name
         _write_shard(path, x, y, row_group)
-        files.append({"name": file_name, "rows": b - a, "sha256": _sha256(path)})
+        with open(path, "rb") as f:
+            files.append({"name": file_name, "rows": b - a, "sha256": digests(f)[0]})
     return {"rows": split.count, "files": files}
 
 
@@ -123,14 +126,6 @@ def _write_shard(path, x, y, row_group):
                        write_statistics=["label"], write_page_checksum=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------- read
@@ -186,6 +181,10 @@ def _check_manifest(m, where):
                 raise DataError(f"{where}: split {name}: file entry {f!r} needs name, rows, sha256")
             if "/" in f["name"] or "\\" in f["name"] or f["name"].startswith("."):
                 raise DataError(f"{where}: split {name}: file name {f['name']!r} is not a plain file name")
+            if f["rows"] * (math.prod(shape) + 1) > MAX_FILE_BYTES:
+                raise DataError(f"{where}: split {name}: file {f['name']} declares {f['rows']} rows of "
+                                f"{math.prod(shape)} pixels, more than the {MAX_FILE_BYTES} bytes distmlp reads "
+                                "from one file")
         if sum(f["rows"] for f in files) != entry["rows"]:
             raise DataError(f"{where}: split {name}: file rows add up to {sum(f['rows'] for f in files)}, "
                             f"not {entry['rows']}")
@@ -195,37 +194,55 @@ def source(uri):
     """A DataSource over a shard directory (local path or URI); reads only the manifest."""
     uri = str(uri) if "://" in str(uri) else os.path.abspath(uri)
     m = read_manifest(uri)
-    train, test = (data.Split("parquet", uri, name, 0, m["splits"][name]["rows"]) for name in SPLITS)
-    return data.DataSource(m.get("name") if isinstance(m.get("name"), str) else uri, train, test)
+    train, test = (ParquetSplit(uri, name, 0, m["splits"][name]["rows"]) for name in SPLITS)
+    return DataSource(m.get("name") if isinstance(m.get("name"), str) else uri, train, test)
 
 
-def image_shape(split):
-    return tuple(read_manifest(split.images)["image_shape"])
+@dataclass(frozen=True)
+class ParquetSplit:
+    """Rows [offset, offset + count) of one split of a shard directory."""
 
+    kind = "parquet"  # class attribute, not a field: the format's name
+    uri: str  # the shard directory: a local path or a URI (file://, s3://, gs://, ...)
+    split: str  # "train" or "test"
+    offset: int
+    count: int
 
-def load_rows(split, start, stop):
-    """Rows [start, stop) of a shard split: (uint8 (n, pixels), uint8 (n,)), reading only the
-    files and row groups that hold them."""
-    m = read_manifest(split.images)
-    where = f"{split.images.rstrip('/')}/{MANIFEST}"
-    if split.labels not in SPLITS:
-        raise DataError(f"{where}: no split {split.labels!r}")
-    entry = m["splits"][split.labels]
-    pixels = math.prod(m["image_shape"])
-    lo, hi = split.offset + start, split.offset + stop
-    if not 0 <= lo <= hi <= entry["rows"]:
-        raise DataError(f"{where}: rows [{lo}, {hi}) outside the {entry['rows']} rows of split {split.labels}")
-    fs, base = _filesystem(split.images)
-    xs, ys, first = [np.empty((0, pixels), np.uint8)], [np.empty(0, np.uint8)], 0
-    for f in entry["files"]:
-        a, b = first, first + f["rows"]
-        first = b
-        if a < hi and b > lo:
-            x, y = _read_file(fs, f"{base.rstrip('/')}/{f['name']}", f"{split.images.rstrip('/')}/{f['name']}",
-                              f["rows"], pixels, max(lo, a) - a, min(hi, b) - a)
-            xs.append(x)
-            ys.append(y)
-    return np.concatenate(xs), np.concatenate(ys)
+    @property
+    def where(self):
+        return self.uri
+
+    def image_shape(self):
+        """(rows, cols) of one image, from the manifest."""
+        return tuple(read_manifest(self.uri)["image_shape"])
+
+    def read(self, start, stop):
+        """Rows [start, stop) of the split: (uint8 (n, pixels), uint8 (n,)), reading only the
+        files and row groups that hold them."""
+        m = read_manifest(self.uri)
+        where = f"{self.uri.rstrip('/')}/{MANIFEST}"
+        if self.split not in SPLITS:
+            raise DataError(f"{where}: no split {self.split!r}")
+        entry = m["splits"][self.split]
+        pixels = math.prod(m["image_shape"])
+        lo, hi = self.offset + start, self.offset + stop
+        if not 0 <= lo <= hi <= entry["rows"]:
+            raise DataError(f"{where}: rows [{lo}, {hi}) outside the {entry['rows']} rows of split {self.split}")
+        fs, base = _filesystem(self.uri)
+        xs, ys, first = [np.empty((0, pixels), np.uint8)], [np.empty(0, np.uint8)], 0
+        for f in entry["files"]:
+            a, b = first, first + f["rows"]
+            first = b
+            if a < hi and b > lo:
+                x, y = _read_file(fs, f"{base.rstrip('/')}/{f['name']}", f"{self.uri.rstrip('/')}/{f['name']}",
+                                  f["rows"], pixels, max(lo, a) - a, min(hi, b) - a)
+                xs.append(x)
+                ys.append(y)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def verify(self):
+        """The number of files in the whole shard directory whose sha256 matches the manifest."""
+        return verify(self.uri)
 
 
 def _read_file(fs, path, where, rows, pixels, lo, hi):
@@ -234,23 +251,36 @@ def _read_file(fs, path, where, rows, pixels, lo, hi):
     with _reading(where):
         with fs.open_input_file(path) as handle:
             pf = pq.ParquetFile(handle, page_checksum_verification=True)
-            _check_schema(pf.schema_arrow, pixels, where)
-            meta = pf.metadata
-            if meta.num_rows != rows:
-                raise DataError(f"{where}: {meta.num_rows} rows, the manifest says {rows}")
+            groups = _checked_row_groups(pf, rows, pixels, where)
             first = 0
-            for i in range(meta.num_row_groups):
-                n = meta.row_group(i).num_rows
+            for i, n in enumerate(groups):
                 if first < hi and first + n > lo:
                     table = pf.read_row_group(i, use_threads=False)
                     if table.num_rows != n:
                         raise DataError(f"{where}: row group {i} holds {table.num_rows} rows, declares {n}")
                     tables.append(table.slice(max(lo - first, 0), min(hi, first + n) - max(lo, first)))
                 first += n
-            if first != rows:
-                raise DataError(f"{where}: row groups hold {first} rows, the file declares {rows}")
         return _to_numpy(pa.concat_tables(tables) if tables else schema(pixels).empty_table(),
                          pixels, where, lo)
+
+
+def _checked_row_groups(pf, rows, pixels, where):
+    """The rows of each row group, once the footer shows that the file holds `rows` rows of `pixels`
+    pixels and decodes to no more than they take: checked before any page is decoded."""
+    _check_schema(pf.schema_arrow, pixels, where)
+    meta = pf.metadata
+    if meta.num_rows != rows:
+        raise DataError(f"{where}: {meta.num_rows} rows, the manifest says {rows}")
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    held = [g.num_rows for g in groups]
+    if sum(held) != rows or min(held, default=0) < 0:
+        raise DataError(f"{where}: row groups hold {sum(held)} rows, the file declares {rows}")
+    for i, g in enumerate(groups):
+        size = sum(g.column(j).total_uncompressed_size for j in range(g.num_columns))
+        if size > g.num_rows * (pixels + _ROW_EXTRA) + _PAGE_EXTRA:
+            raise DataError(f"{where}: row group {i} decodes to {size} bytes, more than {g.num_rows} rows "
+                            f"of {pixels} pixels take")
+    return held
 
 
 def _check_schema(found, pixels, where):
@@ -270,7 +300,7 @@ def _to_numpy(table, pixels, where, lo):
     if len(px):
         x = np.frombuffer(px.buffers()[1], np.uint8, len(px) * pixels, px.offset * pixels).reshape(-1, pixels)
     y = labels.to_numpy(zero_copy_only=False)  # (n,)
-    data.check_labels(y, where, lo)
+    check_labels(y, where, lo)
     return x, y
 
 
@@ -282,12 +312,10 @@ def verify(uri):
     for entry in m["splits"].values():
         for f in entry["files"]:
             where = f"{uri.rstrip('/')}/{f['name']}"
-            h = hashlib.sha256()
             with _reading(where):
                 with fs.open_input_stream(f"{base.rstrip('/')}/{f['name']}") as stream:
-                    for block in iter(lambda: stream.read(1 << 20), b""):
-                        h.update(block)
-            if h.hexdigest() != f["sha256"]:
-                raise DataError(f"{where}: sha256 {h.hexdigest()} does not match the manifest's {f['sha256']}")
+                    (sha256,) = digests(stream)
+            if sha256 != f["sha256"]:
+                raise DataError(f"{where}: sha256 {sha256} does not match the manifest's {f['sha256']}")
             count += 1
     return count

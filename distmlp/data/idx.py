@@ -1,12 +1,8 @@
-"""Data sets: IDX parsing, the bundled sample, the download cache, and row ranges for shards.
+"""IDX files: header parsing, size checks, row-range reads, and a split over an images/labels pair.
 
 Images stay uint8 in memory and are scaled by 1/255 only where a batch is used
 (mlp.scale_pixels): 60,000 x 784 MNIST is 47 MB as uint8 but 188 MB as float32 and
 376 MB as float64, per copy, and every worker would pay that.
-
-A data set is described by a DataSource of two Splits (train, held-out) that are plain,
-picklable descriptions (paths and row ranges), so a worker actor is sent the description
-and loads only its own rows.
 """
 
 import gzip
@@ -18,16 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlp.errors import UserError
+from distmlp.data.source import MAX_FILE_BYTES, DataError, DataSource, check_labels
 
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 UNSIGNED_BYTE = 0x08
-NUM_CLASSES = 10
 _CHUNK = 1 << 20
-
-BUNDLED_DIR = Path(__file__).parent / "datasets"
-SAMPLE_TRAIN_ROWS = 8000  # mnist-sample: rows [0, 8000) train, [8000, 10000) held out
 
 # File names looked for in a data directory, per role: the seed's names, then the standard ones.
 FILE_NAMES = {
@@ -36,28 +28,6 @@ FILE_NAMES = {
     "test-images": ["test-images", "t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"],
     "test-labels": ["test-labels", "t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"],
 }
-
-
-class DataError(UserError, ValueError):
-    """A data file or data set the user pointed at is missing or malformed (one-line message)."""
-
-
-@dataclass(frozen=True)
-class Split:
-    """Rows [offset, offset + count) of a pair of IDX files, or of a Parquet shard directory."""
-
-    kind: str  # "idx" or "parquet"
-    images: str  # idx: the images file; parquet: the directory (local path or URI)
-    labels: str | None  # idx: the labels file; parquet: the split name ("train" / "test")
-    offset: int
-    count: int
-
-
-@dataclass(frozen=True)
-class DataSource:
-    name: str
-    train: Split
-    test: Split
 
 
 # ---------------------------------------------------------------------------------- IDX
@@ -129,16 +99,34 @@ def _read_header(f, path, magic):
 
 
 def _check_size(path, header_bytes, payload):
-    """Compare the declared payload with what the file can hold, in Python integers, before reading."""
+    """Compare the declared payload with what the file holds, in Python integers, before reading.
+
+    A raw file must be exactly header + payload bytes. A .gz file can inflate to at most
+    MAX_GZIP_RATIO times its size, and its last 4 bytes (ISIZE) state what it inflates to modulo
+    2**32: exactly, for the single-member files below MAX_FILE_BYTES that distmlp reads.
+    """
     size = os.path.getsize(path)
-    if str(path).endswith(".gz"):
-        if header_bytes + payload > MAX_GZIP_RATIO * size:
-            raise DataError(f"{path}: header declares {payload} bytes of payload, more than a "
-                            f"{size}-byte gzip file can hold")
-        return
+    gz = str(path).endswith(".gz")
+    if gz and header_bytes + payload > MAX_GZIP_RATIO * size:
+        raise DataError(f"{path}: header declares {payload} bytes of payload, more than a "
+                        f"{size}-byte gzip file can hold")
     actual = size - header_bytes
-    if actual < payload:
+    if not gz and actual < payload:
         raise DataError(f"{path}: payload is short: header declares {payload} bytes, file has {actual}")
+    if header_bytes + payload > MAX_FILE_BYTES:
+        raise DataError(f"{path}: header declares {payload} bytes of payload, more than the "
+                        f"{MAX_FILE_BYTES} bytes distmlp reads from one file")
+    if gz:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+        if isize > MAX_GZIP_RATIO * size:
+            raise DataError(f"{path}: cannot read payload: the gzip size trailer says {isize} bytes, more than "
+                            f"a {size}-byte file can hold (truncated or corrupt)")
+        actual = isize - header_bytes
+        if actual < payload:
+            raise DataError(f"{path}: payload is short: expected {payload} bytes, found {actual} "
+                            "by the gzip size trailer (a single-member gzip file is expected)")
     if actual > payload:
         raise DataError(f"{path}: {actual - payload} trailing bytes after the declared payload")
 
@@ -192,21 +180,10 @@ def read_images(path, start=0, stop=None):
     return read_idx(path, IMAGES_MAGIC, start, stop)
 
 
-def read_labels(path, start=0, stop=None, num_classes=NUM_CLASSES):
+def read_labels(path, start=0, stop=None):
     labels = read_idx(path, LABELS_MAGIC, start, stop).reshape(-1)
-    check_labels(labels, path, start, num_classes)
+    check_labels(labels, path, start)
     return labels
-
-
-def check_labels(labels, where, start=0, num_classes=NUM_CLASSES):
-    """Refuse a label outside 0..num_classes-1, naming where it is."""
-    bad = np.flatnonzero(labels >= num_classes)
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(f"{where}: label {labels[i]} at index {start + i} is outside 0..{num_classes - 1}")
-
-
-# ---------------------------------------------------------------------- data sets
 
 
 def find_file(directory, role):
@@ -220,7 +197,36 @@ def find_file(directory, role):
     raise DataError(f"{directory}: no {role} file (looked for {names}, raw or .gz)")
 
 
-def idx_split(images, labels, offset=0, count=None):
+@dataclass(frozen=True)
+class IdxSplit:
+    """Rows [offset, offset + count) of a pair of IDX files."""
+
+    kind = "idx"  # class attribute, not a field: the format's name
+    images: str  # the images file, raw or .gz
+    labels: str  # the labels file, raw or .gz
+    offset: int
+    count: int
+
+    @property
+    def where(self):
+        return self.images
+
+    def image_shape(self):
+        """(rows, cols) of one image."""
+        return tuple(idx_dims(self.images, IMAGES_MAGIC)[1:])
+
+    def read(self, start, stop):
+        """Rows [start, stop) of the split: (images uint8 (n, 784), labels uint8 (n,))."""
+        lo, hi = self.offset + start, self.offset + stop
+        return read_images(self.images, lo, hi), read_labels(self.labels, lo, hi)
+
+    def verify(self):
+        """None: IDX files carry no checksums beyond gzip's CRC, which every full read checks."""
+        return None
+
+
+def split(images, labels, offset=0, count=None):
+    """An IdxSplit over rows [offset, offset + count) (default: to the end), checked against both headers."""
     n_images = idx_count(images, IMAGES_MAGIC)
     n_labels = idx_count(labels, LABELS_MAGIC)
     if n_images != n_labels:
@@ -228,102 +234,11 @@ def idx_split(images, labels, offset=0, count=None):
     count = n_images - offset if count is None else count
     if not (0 <= offset and 0 <= count and offset + count <= n_images):
         raise DataError(f"{images}: rows [{offset}, {offset + count}) outside the {n_images} rows it holds")
-    return Split("idx", str(images), str(labels), offset, count)
+    return IdxSplit(str(images), str(labels), offset, count)
 
 
-def from_directory(directory, name=None):
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: no such data directory")
-    if (directory / "manifest.json").is_file():
-        from distmlp import shards
-        return shards.source(str(directory))
-    train = idx_split(find_file(directory, "train-images"), find_file(directory, "train-labels"))
-    test = idx_split(find_file(directory, "test-images"), find_file(directory, "test-labels"))
-    return DataSource(name or str(directory), train, test)
-
-
-def bundled_sample():
-    directory = BUNDLED_DIR / "mnist-sample"
-    images = directory / "t10k-images-idx3-ubyte.gz"
-    labels = directory / "t10k-labels-idx1-ubyte.gz"
-    total = idx_split(images, labels)
-    train = Split("idx", str(images), str(labels), 0, SAMPLE_TRAIN_ROWS)
-    test = idx_split(images, labels, SAMPLE_TRAIN_ROWS, total.count - SAMPLE_TRAIN_ROWS)
-    return DataSource("mnist-sample", train, test)
-
-
-def cache_dir():
-    """Where downloaded data sets live: $DISTMLP_DATA, else the user's cache directory."""
-    if os.environ.get("DISTMLP_DATA"):
-        return Path(os.environ["DISTMLP_DATA"])
-    import platformdirs
-    return Path(platformdirs.user_cache_dir("distmlp")) / "data"
-
-
-DATASETS = ("mnist-sample", "mnist")
-
-
-def resolve(dataset=None, path=None):
-    """DataSource for a directory / URI (path wins) or a named data set."""
-    if path is not None:
-        if "://" in str(path):
-            from distmlp import shards
-            return shards.source(str(path))
-        return from_directory(path)
-    if dataset is None:
-        raise DataError("no data set given: pass --data DIR or --dataset NAME (mnist-sample, mnist)")
-    if dataset == "mnist-sample":
-        return bundled_sample()
-    if dataset == "mnist":
-        directory = cache_dir() / "mnist"
-        try:
-            return from_directory(directory, name="mnist")
-        except DataError:
-            raise DataError(f"data set 'mnist' is not in {directory}: run `distmlp data download mnist`, "
-                            "or pass --data DIR, or use --dataset mnist-sample") from None
-    raise DataError(f"unknown data set {dataset!r}; known: {', '.join(DATASETS)} (or pass --data DIR)")
-
-
-def image_shape(split):
-    """(rows, cols) of one image in a split."""
-    if split.kind == "parquet":
-        from distmlp import shards
-        return shards.image_shape(split)
-    return tuple(idx_dims(split.images, IMAGES_MAGIC)[1:])
-
-
-def describe(source):
-    """Counts, image shape and label histogram of each split, as plain JSON-able values."""
-    out = {"name": source.name}
-    if source.train.kind == "parquet":
-        from distmlp import shards
-        out["verified_files"] = shards.verify(source.train.images)
-    for name, split in (("train", source.train), ("test", source.test)):
-        _, labels = load_rows(split)
-        out[name] = {"count": split.count, "image_shape": list(image_shape(split)),
-                     "labels": np.bincount(labels, minlength=NUM_CLASSES).tolist()}
-    return out
-
-
-def load_rows(split, start=0, stop=None):
-    """Rows [start, stop) of a split: (images uint8 (n, 784), labels uint8 (n,))."""
-    stop = split.count if stop is None else stop
-    if not 0 <= start <= stop <= split.count:
-        raise DataError(f"{split.images}: rows [{start}, {stop}) outside the split's {split.count} rows")
-    if split.kind == "parquet":
-        from distmlp import shards
-        return shards.load_rows(split, start, stop)
-    lo, hi = split.offset + start, split.offset + stop
-    return read_images(split.images, lo, hi), read_labels(split.labels, lo, hi)
-
-
-def shard_bounds(n, k):
-    """k contiguous (start, stop) ranges covering range(n); the first n % k are one longer."""
-    base, extra = divmod(n, k)
-    bounds, start = [], 0
-    for i in range(k):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+def source(directory, name):
+    """A DataSource over a directory of the four IDX files (see FILE_NAMES)."""
+    train = split(find_file(directory, "train-images"), find_file(directory, "train-labels"))
+    test = split(find_file(directory, "test-images"), find_file(directory, "test-labels"))
+    return DataSource(name, train, test)

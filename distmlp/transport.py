@@ -1,0 +1,163 @@
+"""How a round of steps crosses the workers: actor calls, or the one-node mesh.
+
+Both are backends of the training loop (`run_steps(state, stop, plan)` -> trainer.Round,
+`evaluate(params)`, `close()`) built on a WorkerGroup, which they use only through its public
+methods. Both follow distmlp.step, so they give the same bits:
+
+- ActorTransport: per step the driver puts the weights in the object store once, every worker
+  with rows in the batch returns its gradient sums, the driver adds and applies them.
+- MeshTransport (every worker on the driver's node): the workers exchange gradient sums
+  through shared memory and apply the step themselves (distmlp.mesh); the driver starts a
+  round with one call per worker and gets the weights back at its end.
+
+`start` places the workers and picks the transport (cluster.transport, "auto": the mesh when
+every worker is on the driver's node, actor calls otherwise).
+"""
+
+import logging
+import shutil
+import time
+
+import numpy as np
+import ray
+
+from distmlp import mesh, mlp, step, trainer, worker
+from distmlp.connect import ClusterError
+from distmlp.group import WorkerGroup
+
+log = logging.getLogger("distmlp")
+
+
+def start(source, job, worker_cls=worker.RemoteShardWorker, **placement):
+    """Place and start job's workers on the connected Ray; the transport that drives them."""
+    group = WorkerGroup(source, job, worker_cls, **placement)
+    try:
+        choice = job.cluster.transport
+        on_one_node = mesh.eligible(group, ray.get_runtime_context().get_node_id())
+        if choice == "mesh" and not on_one_node:
+            raise ClusterError("cluster.transport = mesh needs every worker on the driver's node; "
+                               f"the workers were placed on {len(set(group.bundle_nodes))} node(s) "
+                               "(use transport auto or actors)")
+        if choice in ("auto", "mesh") and on_one_node:
+            n_items = sum(a * b + b for a, b in zip(job.model.sizes[:-1], job.model.sizes[1:]))
+            if mesh.room_for(group.workers, n_items, np.dtype(job.model.dtype).itemsize):
+                return MeshTransport(group)
+            log.warning("%s has too little free space for the workers' shared-memory slots; "
+                        "steps go over actor calls", mesh.shm_dir())
+        return ActorTransport(group)
+    except BaseException:
+        group.close()
+        raise
+
+
+def evaluate(group, params):
+    """(correct, loss sum, count) over the held-out split, every worker its shard, summed in rank order."""
+    params_ref = ray.put(params)
+    results = group.call({rank: ("evaluate", (params_ref,)) for rank in range(group.workers)}, "evaluation")
+    correct = sum(r[0] for r in results.values())
+    loss_sum = sum(results[rank][1] for rank in sorted(results))
+    return correct, loss_sum, sum(r[2] for r in results.values())
+
+
+class ActorTransport:
+    """Every step over actor calls; the driver adds the gradient sums and applies the step."""
+
+    def __init__(self, group):
+        self.group = group
+        self.workers, self.n_train, self.n_test = group.workers, group.n_train, group.n_test
+
+    def run_steps(self, state, stop, plan):
+        g, names = self.group, mlp.param_names(len(state.params) // 2)
+
+        def compute(at, params):
+            params_ref = ray.put(params)
+            calls = {rank: ("grad_sums", (params_ref, rows, at))
+                     for rank, rows in step.shares(plan.sampler.batch(at), g.bounds).items()}
+            results = g.call(calls, f"step {at + 1}")
+            parts, compute_s = [], 0.0
+            for rank in sorted(results):
+                tag, grads, loss_sum, count, seconds = results[rank]
+                if tag != at:
+                    raise RuntimeError(f"worker {rank} answered step {tag} during step {at}")
+                parts.append((rank, step.flatten(grads, names), loss_sum, count))
+                compute_s = max(compute_s, seconds)
+            who = {rank: f"{rank} (pid {g.worker_info[rank]['pid']})" for rank in results}
+            return parts, compute_s, who
+        return trainer.run_round(state, stop, plan, compute)
+
+    def evaluate(self, params):
+        return evaluate(self.group, params)
+
+    def close(self):
+        self.group.close()
+
+
+class MeshTransport:
+    """Rounds of steps over the workers' mesh (distmlp.mesh): every worker on the driver's node."""
+
+    def __init__(self, group):
+        self.group = group
+        self.workers, self.n_train, self.n_test = group.workers, group.n_train, group.n_test
+        self.actors = ActorTransport(group)  # rounds when the mesh keeps breaking with no worker lost
+        mesh.sweep_stale()
+        self.dir = mesh.make_dir()  # private (0700), kept until close
+        self.gen, self.broken = 0, 0
+
+    def run_steps(self, state, stop, plan):
+        if self.broken >= mesh.MAX_MESH_FAILURES:
+            return self.actors.run_steps(state, stop, plan)
+        g, first = self.group, state.step
+        start_ref = ray.put((state.params, state.opt_state))
+        while True:
+            request = {"gen": self.gen, "dir": self.dir, "workers": g.workers, "first": first, "stop": stop,
+                       "sampler": plan.sampler, "lr": plan.lr, "momentum": plan.momentum,
+                       "timeout": g.timeout, "round_s": trainer.ROUND_S}
+            t0 = time.perf_counter()
+            calls = {rank: ("mesh_run", (start_ref, request)) for rank in range(g.workers)}
+            # a healthy round can run two steps of up to the step timeout past ROUND_S: rank 0
+            # decides to go on before its peers finish the step (which may take the timeout),
+            # and the next step may take it too
+            replies, failed = g.call_once(calls, trainer.ROUND_S + 2 * g.timeout + 5)
+            if not failed:
+                break
+            steps = [r["step"] for r in replies.values() if r["status"] == mesh.BROKEN]
+            g.replace(failed, f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}")
+            self._next_generation()
+        wall = time.perf_counter() - t0
+        if any(r["status"] == mesh.BROKEN for r in replies.values()):  # no worker lost: a socket problem
+            self.broken += 1
+            self._next_generation()
+            detail = next(r["detail"] for r in replies.values() if r["status"] == mesh.BROKEN)
+            log.warning("worker mesh failed (%s); steps from %d go over actor calls", detail, first + 1)
+            return self.actors.run_steps(state, stop, plan)
+        done = {len(r["steps"]) for r in replies.values()}
+        prints = {r["fingerprint"] for r in replies.values()}
+        if len(done) != 1 or len(prints) != 1:
+            raise RuntimeError(f"mesh workers disagree after step {first}: steps {done}, weights {len(prints)} kinds")
+        n = done.pop()
+        lead = replies[0]
+        # a step takes as long as its slowest worker; the round's own overhead is spread over its steps
+        slowest = [max(r["steps"][i][3] for r in replies.values()) for i in range(n)]
+        overhead = max(wall - sum(slowest), 0.0) / max(n, 1)
+        records = [trainer.StepRecord(loss_sum, count, max(r["steps"][i][2] for r in replies.values()),
+                                      slowest[i] + overhead)
+                   for i, (loss_sum, count, _, _) in enumerate(lead["steps"])]
+        nonfinite = None
+        if lead["nonfinite"] is not None:
+            loss_sum, count, what, rank = lead["nonfinite"]
+            who = None if rank is None else f"{rank} (pid {g.worker_info[rank]['pid']})"
+            nonfinite = trainer.NonFinite(loss_sum, count, what, who)
+        return trainer.Round(records, lead["params"], lead["opt_state"], nonfinite)
+
+    def evaluate(self, params):
+        return evaluate(self.group, params)
+
+    def _next_generation(self):
+        """New sockets and slots (in a new directory) for the next attempt; the old ones go."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.gen += 1
+        self.dir = mesh.make_dir()
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.group.close()
