@@ -24,12 +24,31 @@ def default_run_dir(job):
     return os.path.join("runs", f"{stamp}-{job.run.name}")
 
 
+class OneThread:
+    """The single-process backend with BLAS on one thread while it runs, as in a worker: its
+    bits do not depend on how many cores the machine has (a sweep's trial and a rerun agree)."""
+
+    def __init__(self, backend):
+        from threadpoolctl import ThreadpoolController
+        self.inner, self.workers, self.n_train, self.n_test = backend, 0, backend.n_train, backend.n_test
+        self.limit = ThreadpoolController().limit(limits=1, user_api="blas")
+
+    def run_steps(self, state, stop, plan):
+        return self.inner.run_steps(state, stop, plan)
+
+    def evaluate(self, params):
+        return self.inner.evaluate(params)
+
+    def close(self):
+        self.limit.restore_original_limits()
+
+
 def start_backend(source, job, echo, on_change):
     """(backend, whether we started Ray) for job: in this process, or worker actors on Ray
     (elastic between cluster.min_workers and cluster.workers; on_change(event) hears of it)."""
     c = job.cluster
     if c.workers == 0:
-        return trainer.LocalBackend(source, job.model.dtype), False
+        return OneThread(trainer.LocalBackend(source, job.model.dtype)), False
     from distmlp import connect, elastic
     cores = os.cpu_count() or 1
     wanted = math.ceil(c.workers * c.cpus_per_worker)

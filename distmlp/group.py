@@ -134,9 +134,9 @@ class WorkerGroup:
                 lost = sorted(rank for rank, ref in refs.items() if ref in pending)
                 for rank in lost:
                     ray.kill(self.actors[rank], no_restart=True)
+                free = ray.available_resources().get("CPU", 0.0)
                 raise Unreplaceable(f"worker(s) {', '.join(map(str, lost))} could not be restarted within "
-                                    f"cluster.replace_timeout_s = {self.replace_timeout:g} s; cluster resources: "
-                                    f"{ray.available_resources()}", lost)
+                                    f"cluster.replace_timeout_s = {self.replace_timeout:g} s ({free:g} CPU free)", lost)
             ranks = []
             for rank, ref in refs.items():
                 try:

@@ -5,6 +5,10 @@ import json
 import logging
 import os
 import pickle
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +186,28 @@ def test_schema_shapes_and_dtypes_are_checked_after_the_checksums(tmp_path):
         assert str(path / "params.parquet") in str(e.value)
 
 
+@pytest.mark.slow
+def test_a_tiny_parquet_that_decodes_to_megabytes_is_refused_from_its_metadata(tmp_path):
+    """A re-signed params.parquet of a few KB holding 8M run-length encoded zeros (64 MB as
+    float64): load, in a subprocess, refuses it before Arrow allocates 8 MB (it was 100 MB)."""
+    job = small_job()
+    path = Path(checkpoint.save(tmp_path / "ck", trainer.initial_state(job), job))
+    bomb = params_table({"W1": np.zeros(8_000_000)}, dtype=["float32"])
+    assert len(bomb) < 4096
+    resign(path, "params.parquet", bomb)
+    script = ("import sys\nimport pyarrow as pa\nfrom distmlp import checkpoint\n"
+              "try:\n    checkpoint.load(sys.argv[1])\nexcept checkpoint.CheckpointError as e:\n    print(e)\n"
+              "print(pa.default_memory_pool().max_memory())\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    error, arrow_peak = proc.stdout.splitlines()
+    sizes = job.model.sizes
+    allowed = 4 * (sum(n_in * n_out + n_out for n_in, n_out in zip(sizes, sizes[1:])) + 5 * 6)
+    assert re.fullmatch(rf"{re.escape(str(path / 'params.parquet'))}: 1 rows of 8000003 values \(\d+ bytes "
+                        rf"uncompressed\); the job's model.sizes allow at most 24 rows of {allowed} values.*", error)
+    assert int(arrow_peak) < 8 * 2 ** 20
+
+
 def test_state_job_and_manifest_contents_are_checked(tmp_path, momentum_job):
     path = tmp_path / "ck"
     state_json = {"step": 5, "epoch": 0.5, "samples_seen": 160, "nonfinite_streak": 0, "sampler": None,
@@ -247,6 +273,48 @@ def test_failed_rename_over_an_existing_checkpoint_keeps_it(tmp_path, monkeypatc
         checkpoint.save(path, momentum_state(momentum_job, step=4), momentum_job)
     assert os.listdir(tmp_path) == ["ck"]
     assert checkpoint.load(path).step == 2
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing catches it."""
+
+
+@pytest.mark.parametrize("crash_at", ["second rename", "removing the old copy"])
+def test_a_crash_while_replacing_a_checkpoint_loses_neither(tmp_path, monkeypatch, momentum_job, crash_at):
+    """save_in_run over an existing step-4 dies between its two renames (the old checkpoint is
+    only aside) or after them (the new one is in place); the next start's cleanup keeps a
+    loadable step-4: the old one or the new one."""
+    run_dir, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    path = checkpoint.save_in_run(run_dir, momentum_state(momentum_job, step=4), momentum_job)
+    old = checkpoint.load(path).params
+    new = momentum_state(momentum_job, step=4)
+    new.params = {n: p + 1 for n, p in new.params.items()}
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+
+    def rename(src, dst):
+        if crash_at == "second rename" and os.path.basename(str(src)).startswith(".tmp-"):
+            raise Crash()
+        return real_rename(src, dst)
+
+    def rmtree(target, *args, **kwargs):
+        if crash_at == "removing the old copy" and os.path.basename(str(target)).startswith(".old-") \
+                and os.path.exists(target):
+            raise Crash()
+        return real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(Crash):
+        checkpoint.save_in_run(run_dir, new, momentum_job)
+    monkeypatch.undo()
+    expected = old if crash_at == "second rename" else new.params
+    assert os.path.exists(path) == (crash_at != "second rename")
+    for _ in range(2):  # resume finds it before the cleanup (under its aside name) and after it
+        found, ckpt = checkpoint.latest_valid(run_dir)
+        assert ckpt.step == 4 and all(ckpt.params[n].tobytes() == a.tobytes() for n, a in expected.items())
+        checkpoint.clean_leftovers(ckpt_dir)  # what CheckpointHook.on_start does first
+    assert found == path
+    assert sorted(os.listdir(ckpt_dir)) == ["best", "latest", "step-000004"]
 
 
 def test_replacing_a_checkpoint_and_refusing_to_replace_other_directories(tmp_path, momentum_job):
@@ -357,6 +425,23 @@ def test_latest_valid_falls_back_with_a_warning_naming_the_file(tmp_path, moment
         checkpoint.latest_valid(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoints"):
         checkpoint.latest_valid(tmp_path / "elsewhere")
+
+
+@pytest.mark.slow
+def test_an_integer_past_the_digit_limit_falls_back_to_the_previous_checkpoint(tmp_path, momentum_job):
+    """A re-signed state.json whose step has 5000 digits (int() refuses over 4300): in a
+    subprocess, `checkpoint inspect RUN_DIR` warns about it and verifies the previous one."""
+    for step in (2, 4):
+        checkpoint.save_in_run(tmp_path, momentum_state(momentum_job, step), momentum_job)
+    bad = tmp_path / "checkpoints" / "step-000004" / "state.json"
+    resign(bad.parent, "state.json", re.sub(rb'"step": 4', b'"step": 1' + b"0" * 4999, bad.read_bytes()))
+    proc = subprocess.run([str(Path(sys.executable).with_name("distmlp")), "checkpoint", "inspect", str(tmp_path),
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout)
+    assert info["verified"] and info["step"] == 2 and info["path"].endswith("step-000002")
+    [warning] = proc.stderr.splitlines()
+    assert f"{bad}: not valid JSON" in warning and "digits" in warning and "falling back" in warning
 
 
 def test_resolve_accepts_a_checkpoint_or_a_run_directory(tmp_path, momentum_job):

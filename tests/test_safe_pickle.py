@@ -1,13 +1,18 @@
 """The restricted pickle loader: what weights files need loads, anything that runs code is refused."""
 
+import concurrent.futures
 import logging
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from distmlp import safe_pickle
+import evil_pickles
+from distmlp.checkpoint import safe_pickle
 
 
 class RunsCommand:
@@ -30,27 +35,24 @@ def write(path, obj, protocol=pickle.DEFAULT_PROTOCOL):
     return path
 
 
-@pytest.mark.parametrize("protocol", [2, 4, 5])
-def test_containers_numbers_and_numpy_round_trip(tmp_path, protocol):
-    obj = {"w": [[0.25, -1.5], [3.0, 4.0]], "b": (1, 2.5, True, None), "s": {1, 2}, "f": frozenset("ab"),
-           "bytes": b"\x00\xff", "c": 1 + 2j, "a64": np.arange(6.0).reshape(2, 3),
-           "a32": np.ones(3, np.float32), "i": np.int64(7), "x": np.float64(1.5),
-           "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3))}
-    loaded = safe_pickle.load(write(tmp_path / "ok.pkl", obj, protocol))
-    assert loaded.keys() == obj.keys()
-    for key in ("w", "b", "s", "f", "bytes", "c", "i", "x"):
-        assert loaded[key] == obj[key]
-    for key in ("a64", "a32", "fortran"):
-        assert loaded[key].dtype == obj[key].dtype
-        np.testing.assert_array_equal(loaded[key], obj[key])
+@pytest.mark.parametrize("protocol", range(6))
+def test_containers_and_numbers_round_trip(tmp_path, protocol):
+    obj = {"w": [[0.25, -1.5], [3.0, 4.0]], "b": (1, 2.5, True, None), "s": "text", "n": {"k": [-2, 10 ** 30]},
+           "shared rows": [[0.0] * 3] * 4}
+    assert safe_pickle.load(write(tmp_path / "ok.pkl", obj, protocol)) == obj
 
 
-def test_numpy1_module_names_are_accepted():
-    """NumPy 1 pickles name numpy.core.multiarray; NumPy 2 names numpy._core.multiarray."""
-    payload = pickle.dumps(np.arange(3.0), protocol=2)
-    old = payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-    assert old != payload
-    np.testing.assert_array_equal(safe_pickle.loads(old), np.arange(3.0))
+@pytest.mark.parametrize("module", ["numpy._core.multiarray", "numpy.core.multiarray"])
+def test_numpy_arrays_are_refused_under_either_module_name(module):
+    """NumPy 1 pickles name numpy.core.multiarray, NumPy 2 numpy._core.multiarray: both refused."""
+    payload = pickle.dumps(np.arange(3.0), protocol=2).replace(b"numpy._core.multiarray", module.encode())
+    with pytest.raises(safe_pickle.UnsafePickleError, match=f"forbidden global {module}._reconstruct"):
+        safe_pickle.loads(payload)
+
+
+def test_trust_loads_numpy_arrays(tmp_path):
+    path = write(tmp_path / "np.pkl", {"a": np.arange(6.0).reshape(2, 3)})
+    np.testing.assert_array_equal(safe_pickle.load(path, trust=True)["a"], np.arange(6.0).reshape(2, 3))
 
 
 def test_command_is_refused_and_never_runs(tmp_path):
@@ -91,7 +93,7 @@ def test_refusal_does_not_fall_back_even_when_caught(tmp_path):
 def test_trust_runs_the_unrestricted_loader_with_a_warning(tmp_path, caplog):
     marker = tmp_path / "ran"
     path = write(tmp_path / "trusted.pkl", RunsCommand(f"touch {marker}"))
-    with caplog.at_level(logging.WARNING, logger="distmlp.safe_pickle"):
+    with caplog.at_level(logging.WARNING, logger="distmlp.checkpoint.safe_pickle"):
         assert safe_pickle.load(path, trust=True) == 0
     assert marker.exists()
     assert "unrestricted pickle loader" in caplog.text
@@ -111,3 +113,33 @@ def test_truncated_or_garbage_is_a_user_error(tmp_path, payload, needle):
 def test_missing_file(tmp_path):
     with pytest.raises(safe_pickle.PickleFileError, match="no such file"):
         safe_pickle.load(tmp_path / "nope.pkl")
+
+
+@pytest.fixture(scope="module")
+def evil_imports(tmp_path_factory):
+    """{variant: (CompletedProcess, its directory)} of `distmlp checkpoint import evil.pkl -o out`
+    for every crafted pickle, each in its own process (a crash fails its test, not pytest)."""
+    root = tmp_path_factory.mktemp("evil")
+
+    def run(name, payload):
+        (root / name).mkdir()
+        (root / name / "evil.pkl").write_bytes(payload)
+        proc = subprocess.run([str(Path(sys.executable).with_name("distmlp")), "checkpoint", "import",
+                               "evil.pkl", "-o", "out"], cwd=root / name, capture_output=True, text=True,
+                              timeout=300)
+        return name, (proc, root / name)
+
+    payloads = {name: payload for name, (payload, _) in evil_pickles.variants("MARKER").items()}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(lambda item: run(*item), payloads.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,needle", [(name, needle) for name, (_, needle)
+                                            in evil_pickles.variants("MARKER").items()])
+def test_crafted_pickles_are_refused_in_one_line_and_nothing_runs(evil_imports, variant, needle):
+    proc, cwd = evil_imports[variant]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: evil.pkl: "), proc.stderr
+    assert needle in proc.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["evil.pkl"]  # no MARKER, no out/

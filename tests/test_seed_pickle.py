@@ -124,6 +124,7 @@ def test_a_seed_made_pickle_imports_and_evaluates(tmp_path, held_out_digits):
     (lambda d: d["weights_hidden1_to_hidden2"][3].pop(), "weights_hidden1_to_hidden2 is not a rectangular"),
     (lambda d: d.update(biases_hidden2=["a"] * 16), "biases_hidden2 is not a rectangular list of numbers"),
     (lambda d: d["biases_output"].__setitem__(0, float("nan")), "biases_output has non-finite values"),
+    (lambda d: d["biases_output"].__setitem__(0, 10 ** 400), "biases_output holds an int past float64's range"),
 ])
 def test_malformed_seed_dicts_are_refused_by_key(tmp_path, mutate, message):
     import random

@@ -88,3 +88,21 @@ def test_resume_mistakes_are_one_line_and_exit_2(args, message):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_workers_0_trains_in_this_process_without_ray(tmp_path):
+    """--workers 0: the whole run (data, steps, evaluation, checkpoint, metrics) in the CLI's own
+    process, with Ray never imported, so start-up costs no Ray and a debugger sees every step."""
+    script = ("import json, sys\n"
+              "from typer.testing import CliRunner\n"
+              "from distmlp.cli import app\n"
+              f"r = CliRunner().invoke(app, ['train', '--workers', '0', '--steps', '3', '--run-dir', {str(tmp_path / 'run')!r},"
+              " '--json'])\n"
+              "print(json.dumps({'code': r.exit_code, 'ray': 'ray' in sys.modules, 'out': r.stdout}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and result["ray"] is False, result
+    summary = json.loads(result["out"].strip().splitlines()[-1])
+    assert (summary["workers"], summary["steps"]) == (0, 3)
+    assert checkpoint.load(summary["checkpoint"]).step == 3
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and (tmp_path / "run" / "job.toml").is_file()

@@ -52,6 +52,7 @@ def _register():
     from distmlp.cli import data_cmd, train_cmd  # noqa: F401
     from distmlp.cli import checkpoint_cmd  # noqa: F401
     from distmlp.cli import jobs_cmd, plot_cmd  # noqa: F401
+    from distmlp.cli import sweep_cmd  # noqa: F401
 
 
 _register()
