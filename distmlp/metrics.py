@@ -134,8 +134,9 @@ class MetricsWriter(BufferedHook):
     """Every step record as one JSON line in RUN_DIR/metrics.jsonl, and RUN_DIR/metrics.parquet.
 
     The JSON lines are buffered and appended at least every flush_s seconds (so `tail -f` follows
-    a run) and at every checkpoint step (every checkpoint_every steps), so that a killed run
-    leaves every record up to its last checkpoint on disk. metrics.parquet is written once, at
+    a run), at every evaluated step and at every checkpoint step (every checkpoint_every steps),
+    so that a killed run (or a stopped sweep trial) leaves every record up to its last checkpoint
+    and its last evaluation on disk. metrics.parquet is written once, at
     the end, from the JSON lines. Resuming in the same run directory keeps the records up to the
     resumed step and drops any later ones.
     """
@@ -162,7 +163,8 @@ class MetricsWriter(BufferedHook):
         return {**record, "wall_s": time.perf_counter() - self._t0}
 
     def must_flush(self, record):
-        return self.checkpoint_every > 0 and record["step"] % self.checkpoint_every == 0
+        evaluated = record.get("test_accuracy") is not None
+        return evaluated or (self.checkpoint_every > 0 and record["step"] % self.checkpoint_every == 0)
 
     def write(self, rows):
         self._file.write(b"".join(orjson.dumps(r, option=JSON_OPTIONS) for r in rows))

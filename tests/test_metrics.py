@@ -58,13 +58,13 @@ class LinesOnDisk(trainer.Hook):
         self.seen.append((len(path.read_text().splitlines()), (self.run_dir / "metrics.parquet").exists()))
 
 
-def test_writer_buffers_lines_until_a_checkpoint_step_and_writes_parquet_at_the_end(tmp_path, backend):
+def test_writer_buffers_lines_until_a_checkpoint_or_evaluated_step_and_writes_parquet_at_the_end(tmp_path, backend):
     run_dir = tmp_path / "run"
     writer = metrics.MetricsWriter(str(run_dir), checkpoint_every=5)
-    writer.flush_s = 1e9  # only checkpoint steps and the end write
+    writer.flush_s = 1e9  # only checkpoint steps, evaluated steps and the end write
     peek = LinesOnDisk(run_dir)
-    trainer.train(small_job(steps=12, eval_every=0), backend, hooks=[writer, peek])
-    assert peek.seen == [(0, False)] * 4 + [(5, False)] * 5 + [(10, False)] * 3
+    trainer.train(small_job(steps=12, eval_every=7), backend, hooks=[writer, peek])
+    assert peek.seen == [(0, False)] * 4 + [(5, False)] * 2 + [(7, False)] * 3 + [(10, False)] * 2 + [(12, False)]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 12
     assert pq.read_table(run_dir / "metrics.parquet").column("step").to_pylist() == list(range(1, 13))
 
