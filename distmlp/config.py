@@ -81,6 +81,7 @@ class RunConfig:
     checkpoint_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_last: int = 3  # checkpoints kept besides the best one
     on_nonfinite: str = "stop"  # "stop" at a NaN/inf loss or gradient, or "skip" the update
+    mlflow_uri: str | None = None  # MLflow tracking URI (file:, sqlite:, http:) to log the run to; None: off
 
 
 @dataclass(frozen=True)

@@ -131,8 +131,7 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
         with open(os.path.join(run_dir, "job.toml"), "w") as f:
             f.write(config.to_toml(job))
         ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
-        loop_hooks = [metrics.Progress(job.run.log_every, quiet=json_mode, echo=echo),
-                      metrics.MetricsWriter(run_dir), ckpt_hook, *hooks]
+        loop_hooks = [*metrics.run_hooks(job, run_dir, ckpt_hook, quiet=json_mode, echo=echo), *hooks]
         try:
             state = trainer.train(job, backend, state, loop_hooks)
         except RunStopped as e:
@@ -146,4 +145,6 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
     return {"run_dir": run_dir, "checkpoint": ckpt_hook.last_path, "workers": job.cluster.workers,
             "optimizer": job.optimizer.name, "steps": state.step, "epochs": m.get("epoch"),
             "train_loss": m.get("train_loss"), "test_loss": m.get("test_loss"),
-            "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0, "membership": changes}
+            "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0, "membership": changes,
+            "examples_per_s": metrics.examples_per_s(loop_hooks), "best_checkpoint": checkpoint.pointer(run_dir, "best"),
+            "dataset": job.data.dataset, "data_path": job.data.path}

@@ -1,23 +1,25 @@
-"""Step records out of the training loop: the metrics files, the progress line, the plot.
+"""Step records out of the training loop: the metrics files, the hooks a run uses, the plot.
 
-Both MetricsWriter and Progress are loop hooks (trainer.train calls on_start(state, info),
-on_step(state, record) after every step, on_end(state, record)). Records are flat dicts:
-step, epoch, samples_seen, train_loss, lr, step_s, compute_s, comm_s, plus test_loss and
-test_accuracy on evaluated steps; MetricsWriter adds wall_s (seconds since the run started).
+Loop hooks (trainer.train) get on_start(state, info), on_step(state, record) after every step
+and on_end(state, record). Records are flat dicts: step, epoch, samples_seen, train_loss, lr,
+step_s, compute_s, comm_s, plus test_loss and test_accuracy on evaluated steps; MetricsWriter
+adds wall_s (seconds since the run started). The engine runs rounds of many steps, so on_step
+calls come in bursts: the hooks here buffer records and write them in batches (BufferedHook).
 """
 
 import json
 import math
 import os
-import sys
 import time
 
+import orjson
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from distmlp import fsutil
-from distmlp.trainer import Hook
 from distmlp.errors import UserError
+from distmlp.trainer import Hook
 
 JSONL = "metrics.jsonl"
 PARQUET = "metrics.parquet"
@@ -36,6 +38,9 @@ SCHEMA = pa.schema([
     ("compute_s", pa.float64()),
     ("comm_s", pa.float64()),
 ])
+INTEGER_FIELDS = {f.name for f in SCHEMA if pa.types.is_integer(f.type)}
+# one record a line; NaN and infinities become null; NumPy scalars are numbers
+JSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
 
 
 class MetricsError(UserError):
@@ -53,141 +58,153 @@ def write_parquet_atomic(table, path):
     fsutil.atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def _check_record(path, lineno, record):
+    """Raise MetricsError unless record is an object with an integer step and SCHEMA's other
+    fields numbers of their type or null (absent)."""
+    if not isinstance(record, dict) or not _is_int(record.get("step")):
+        raise MetricsError(f"{path}: line {lineno}: not a step record (an object with an integer \"step\")")
+    for name in SCHEMA.names:
+        value = record.get(name)
+        ok = value is None or (_is_int(value) and -2**63 <= value < 2**63) or (
+            name not in INTEGER_FIELDS and isinstance(value, float))
+        if not ok:
+            raise MetricsError(f"{path}: line {lineno}: {name} is {value!r}, not a number")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_jsonl(path):
-    """The records in a metrics.jsonl; a torn last line (a crash mid-write) is dropped."""
+    """The records in a metrics.jsonl; a torn last line (a crash mid-write) is dropped, any other
+    line that is not a step record raises MetricsError naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+    for lineno, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError, or a number too large to convert
+            if lineno == len(lines):
                 break
+            raise MetricsError(f"{path}: line {lineno}: not JSON") from None
+        _check_record(path, lineno, record)
+        records.append(record)
     return records
 
 
-def _json_value(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+class BufferedHook(Hook):
+    """A loop hook that collects rows and writes them in batches: once flush_s seconds have passed
+    since the last write, at a step that must_flush(record) names, and at the end.
 
-
-class MetricsWriter(Hook):
-    """Every step record as one JSON line in RUN_DIR/metrics.jsonl, and RUN_DIR/metrics.parquet.
-
-    The JSON lines are appended and flushed per step (for tail -f); the Parquet file is
-    rewritten atomically every parquet_every steps and at the end. Resuming in the same run
-    directory keeps the records up to the resumed step and drops any later ones.
+    Subclasses implement row(record) (what to keep of a record) and write(rows).
     """
 
-    def __init__(self, run_dir, parquet_every=200):
+    flush_s = 0.5  # at most this long between writes while steps arrive
+
+    def __init__(self):
+        self._rows = []
+        self._last_write = time.perf_counter()
+
+    def on_step(self, state, record):
+        self._rows.append(self.row(record))
+        now = time.perf_counter()
+        if now - self._last_write >= self.flush_s or self.must_flush(record):
+            self.flush(now)
+
+    def on_end(self, state, record):
+        self.flush()
+        self.close()
+
+    def flush(self, now=None):
+        """Write the buffered rows now."""
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self.write(rows)
+        self._last_write = time.perf_counter() if now is None else now
+
+    def must_flush(self, record):
+        return False
+
+    def close(self):
+        pass
+
+
+class MetricsWriter(BufferedHook):
+    """Every step record as one JSON line in RUN_DIR/metrics.jsonl, and RUN_DIR/metrics.parquet.
+
+    The JSON lines are buffered and appended at least every flush_s seconds (so `tail -f` follows
+    a run), at every evaluated step and at every checkpoint step (every checkpoint_every steps),
+    so that a killed run (or a stopped sweep trial) leaves every record up to its last checkpoint
+    and its last evaluation on disk. metrics.parquet is written once, at
+    the end, from the JSON lines. Resuming in the same run directory keeps the records up to the
+    resumed step and drops any later ones.
+    """
+
+    def __init__(self, run_dir, checkpoint_every=0):
+        super().__init__()
         self.run_dir = run_dir
-        self.parquet_every = parquet_every
+        self.checkpoint_every = checkpoint_every
         self.jsonl_path = os.path.join(run_dir, JSONL)
         self.parquet_path = os.path.join(run_dir, PARQUET)
-        self.records = []
         self._file = None
         self._t0 = None
 
     def on_start(self, state, info):
         os.makedirs(self.run_dir, exist_ok=True)
         old = read_jsonl(self.jsonl_path) if os.path.exists(self.jsonl_path) else []
-        self.records = [r for r in old if r["step"] <= state.step]
-        offset = self.records[-1]["wall_s"] if self.records else 0.0
+        kept = [{k: r[k] for k in SCHEMA.names if k in r} for r in old if r["step"] <= state.step]
+        offset = (kept[-1].get("wall_s") or 0.0) if kept else 0.0
         self._t0 = time.perf_counter() - offset
-        self._rewrite_jsonl()
-        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        fsutil.atomic_write(self.jsonl_path, lambda tmp: self._write_lines(tmp, kept))
+        self._file = open(self.jsonl_path, "ab")
 
-    def on_step(self, state, record):
-        row = {**record, "wall_s": time.perf_counter() - self._t0}
-        self.records.append(row)
-        self._file.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+    def row(self, record):
+        return {**record, "wall_s": time.perf_counter() - self._t0}
+
+    def must_flush(self, record):
+        evaluated = record.get("test_accuracy") is not None
+        return evaluated or (self.checkpoint_every > 0 and record["step"] % self.checkpoint_every == 0)
+
+    def write(self, rows):
+        self._file.write(b"".join(orjson.dumps(r, option=JSON_OPTIONS) for r in rows))
         self._file.flush()
-        if self.parquet_every and len(self.records) % self.parquet_every == 0:
-            write_parquet_atomic(to_table(self.records), self.parquet_path)
 
     def on_end(self, state, record):
-        write_parquet_atomic(to_table(self.records), self.parquet_path)
-        self.close()
+        super().on_end(state, record)
+        options = pa_json.ParseOptions(explicit_schema=SCHEMA, unexpected_field_behavior="ignore")
+        table = pa_json.read_json(self.jsonl_path, read_options=pa_json.ReadOptions(use_threads=False),
+                                  parse_options=options)
+        write_parquet_atomic(table, self.parquet_path)
 
     def close(self):
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def _rewrite_jsonl(self):
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.records)
-        fsutil.atomic_write(self.jsonl_path, write)
+    @staticmethod
+    def _write_lines(path, records):
+        with open(path, "wb") as f:
+            f.writelines(orjson.dumps(r, option=JSON_OPTIONS) for r in records)
 
 
-def format_line(record, steps, ms_per_step):
-    """`step 120/1875 | epoch 0.51 | loss 0.3121 | acc 91.2% | 0.41 ms/step` (acc when evaluated)."""
-    parts = [f"step {record['step']}/{steps}", f"epoch {record['epoch']:.2f}",
-             f"loss {record['train_loss']:.4f}"]
-    if record.get("test_accuracy") is not None:
-        parts.append(f"acc {100 * record['test_accuracy']:.1f}%")
-    parts.append(f"{ms_per_step:.2f} ms/step")
-    return " | ".join(parts)
+def run_hooks(job, run_dir, checkpoint_hook, quiet=False, echo=print):
+    """The hooks of a CLI run, in order: progress, metrics files, checkpoints, TensorBoard, MLflow
+    (when run.mlflow_uri is set). The metrics files come before the checkpoint so a checkpoint
+    never names a step whose record is not on disk; MLflow comes after it to upload the last one."""
+    from distmlp import progress, tracking
+    hooks = [progress.Progress(job.run.log_every, quiet=quiet, echo=echo),
+             MetricsWriter(run_dir, job.run.checkpoint_every), checkpoint_hook,
+             tracking.TensorBoardHook(run_dir, job)]
+    if job.run.mlflow_uri:
+        hooks.append(tracking.MlflowHook(job.run.mlflow_uri, job, run_dir, lambda: checkpoint_hook.last_path))
+    return hooks
 
 
-def default_log_every(steps, lines=20):
-    """About `lines` progress lines over a run of `steps` steps."""
-    return max(1, math.ceil(steps / lines))
-
-
-class Progress(Hook):
-    """One line per logged step (every log_every-th, every evaluated one, the last one), plus a
-    rich progress bar with ETA when stdout is a terminal and quiet is False.
-
-    log_every=0 means about 20 lines a run. The CLI passes quiet=True and an echo to stderr
-    with --json, so stdout keeps only the final JSON line.
-    """
-
-    def __init__(self, log_every=0, quiet=False, echo=print, bar=None):
-        self.log_every = log_every
-        self.echo = echo
-        self.show_bar = (not quiet and sys.stdout.isatty()) if bar is None else bar
-        self._bar = None
-        self._task = None
-
-    def on_start(self, state, info):
-        self.steps = info["steps"]
-        self.every = self.log_every or default_log_every(self.steps)
-        self._since = 0.0  # step seconds since the last line
-        self._count = 0  # steps since the last line
-        self._last_logged = state.step
-        if self.show_bar:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-            self._bar = Bar(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task("train", total=self.steps, completed=state.step)
-
-    def on_step(self, state, record):
-        self._since += record["step_s"]
-        self._count += 1
-        if self._bar is not None:
-            self._bar.update(self._task, completed=record["step"])
-        step = record["step"]
-        if step % self.every == 0 or record.get("test_accuracy") is not None or step == self.steps:
-            self._line(record)
-
-    def on_end(self, state, record):
-        if record and record.get("step", 0) > self._last_logged:
-            self._line(record)
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-    def _line(self, record):
-        line = format_line(record, self.steps, 1000 * self._since / max(self._count, 1))
-        if self._bar is not None:
-            self._bar.console.print(line, markup=False, highlight=False)
-        else:
-            self.echo(line)
-        self._since, self._count = 0.0, 0
-        self._last_logged = record["step"]
+def examples_per_s(hooks):
+    """Training examples per second of wall time over the run, as measured by its Progress hook."""
+    from distmlp import progress
+    return next(h.examples_per_s for h in hooks if isinstance(h, progress.Progress))
 
 
 def load(run_dir):
@@ -197,14 +214,36 @@ def load(run_dir):
                                   or os.path.getmtime(jsonl) > os.path.getmtime(parquet)):
         return to_table(read_jsonl(jsonl))
     if os.path.exists(parquet):
-        return pq.read_table(parquet, schema=SCHEMA, use_threads=False)
+        try:
+            return pq.read_table(parquet, schema=SCHEMA, use_threads=False)
+        except (pa.ArrowException, OSError) as e:
+            raise MetricsError(f"{parquet}: not a readable metrics file: {str(e).splitlines()[0]}") from None
     if not os.path.isdir(run_dir):
         raise MetricsError(f"{run_dir}: no such run directory")
     raise MetricsError(f"{run_dir}: no {PARQUET} or {JSONL} in this run directory")
 
 
-def plot(run_dir, out_png):
-    """Loss (train, held-out) and held-out accuracy against step, saved as a PNG at out_png."""
+def smooth(values, fraction=0.02):
+    """Centered moving average of values over a window of about `fraction` of them (odd, >= 1);
+    near the ends the window shrinks to what exists. Non-finite values are left out."""
+    n = len(values)
+    half = max(int(n * fraction) // 2, 0)
+    finite = [v if v is not None and math.isfinite(v) else None for v in values]
+    sums, counts = [0.0], [0]  # prefix sums of the finite values and of how many there are
+    for v in finite:
+        sums.append(sums[-1] + (v or 0.0))
+        counts.append(counts[-1] + (v is not None))
+    out = []
+    for i in range(n):
+        lo, hi = max(i - half, 0), min(i + half + 1, n)
+        count = counts[hi] - counts[lo]
+        out.append((sums[hi] - sums[lo]) / count if count else math.nan)
+    return out
+
+
+def figure(run_dir):
+    """The matplotlib Figure of a run: loss (per batch, its moving average, held-out) and held-out
+    accuracy against step."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -218,8 +257,9 @@ def plot(run_dir, out_png):
     eval_steps = [cols["step"][i] for i in evaluated]
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    ax_loss.plot(cols["step"], cols["train_loss"], lw=0.8, alpha=0.7, label="train (batch)")
-    ax_loss.plot(eval_steps, [cols["test_loss"][i] for i in evaluated], "o-", ms=3, label="held-out")
+    ax_loss.plot(cols["step"], cols["train_loss"], lw=0.6, alpha=0.35, color="C0", label="train (batch)")
+    ax_loss.plot(cols["step"], smooth(cols["train_loss"]), lw=1.6, color="C0", label="train (moving average)")
+    ax_loss.plot(eval_steps, [cols["test_loss"][i] for i in evaluated], "o-", ms=3, color="C1", label="held-out")
     ax_loss.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
@@ -227,9 +267,15 @@ def plot(run_dir, out_png):
     ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="held-out accuracy")
     ax_acc.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
+    return fig
 
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+
+def plot(run_dir, out_png):
+    """figure(run_dir) saved as a PNG at out_png; returns out_png."""
+    fig = figure(run_dir)
+    import matplotlib.pyplot as plt
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
         fsutil.atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)

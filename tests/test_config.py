@@ -57,6 +57,7 @@ BAD_OVERRIDES = [
     ("run.keep_last=0", ["run.keep_last", ">= 1"]),
     ("run.on_nonfinite=ignore", ["run.on_nonfinite", "stop, skip"]),
     ("run.run_dir=3", ["run.run_dir", "expected str"]),
+    ("run.mlflow_uri=3", ["run.mlflow_uri", "expected str"]),
     ("cluster.workers=-1", ["cluster.workers", ">= 0"]),
     ("cluster.workers=1.5", ["cluster.workers", "expected int"]),
     ("cluster.address=5", ["cluster.address", "expected str"]),

@@ -1,11 +1,15 @@
-"""MetricsWriter and Progress as hooks of the real training loop (LocalBackend, bundled sample)."""
+"""MetricsWriter as a hook of the real training loop (LocalBackend, bundled sample), and hostile
+metrics files."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from distmlp import config, data, metrics, trainer
+from distmlp import checkpoint, config, data, metrics, trainer
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +47,35 @@ def test_writer_records_every_step_in_both_files(tmp_path, backend):
     assert not list(run_dir.glob(".tmp-*"))
 
 
-def test_writer_parquet_is_written_during_the_run(tmp_path, backend):
+class LinesOnDisk(trainer.Hook):
+    """After every step: how many lines metrics.jsonl has on disk, and whether metrics.parquet exists."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.seen = run_dir, []
+
+    def on_step(self, state, record):
+        path = self.run_dir / "metrics.jsonl"
+        self.seen.append((len(path.read_text().splitlines()), (self.run_dir / "metrics.parquet").exists()))
+
+
+def test_writer_buffers_lines_until_a_checkpoint_or_evaluated_step_and_writes_parquet_at_the_end(tmp_path, backend):
     run_dir = tmp_path / "run"
-    seen = []
+    writer = metrics.MetricsWriter(str(run_dir), checkpoint_every=5)
+    writer.flush_s = 1e9  # only checkpoint steps, evaluated steps and the end write
+    peek = LinesOnDisk(run_dir)
+    trainer.train(small_job(steps=12, eval_every=7), backend, hooks=[writer, peek])
+    assert peek.seen == [(0, False)] * 4 + [(5, False)] * 2 + [(7, False)] * 3 + [(10, False)] * 2 + [(12, False)]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 12
+    assert pq.read_table(run_dir / "metrics.parquet").column("step").to_pylist() == list(range(1, 13))
 
-    class Peek(trainer.Hook):
-        def on_start(self, state, info): pass
-        def on_end(self, state, record): pass
 
-        def on_step(self, state, record):
-            path = run_dir / "metrics.parquet"
-            seen.append(pq.read_table(path).num_rows if path.exists() else 0)
-
-    trainer.train(small_job(steps=12, eval_every=0), backend,
-                  hooks=[metrics.MetricsWriter(str(run_dir), parquet_every=5), Peek()])
-    assert seen == [0, 0, 0, 0, 5, 5, 5, 5, 5, 10, 10, 10]
+def test_writer_with_flush_s_zero_writes_every_step(tmp_path, backend):
+    run_dir = tmp_path / "run"
+    writer = metrics.MetricsWriter(str(run_dir))
+    writer.flush_s = 0.0
+    peek = LinesOnDisk(run_dir)
+    trainer.train(small_job(steps=6, eval_every=0), backend, hooks=[writer, peek])
+    assert peek.seen == [(n, False) for n in range(1, 7)]
 
 
 def test_writer_resume_keeps_records_up_to_the_resumed_step(tmp_path, backend):
@@ -78,40 +96,94 @@ def test_torn_last_jsonl_line_is_dropped(tmp_path):
     assert metrics.read_jsonl(path) == [{"step": 1, "train_loss": 2.0}]
 
 
-def test_format_line_matches_the_documented_shape():
-    record = {"step": 120, "epoch": 0.512, "train_loss": 0.31214, "test_accuracy": 0.9123}
-    assert metrics.format_line(record, 1875, 0.4142) == \
-        "step 120/1875 | epoch 0.51 | loss 0.3121 | acc 91.2% | 0.41 ms/step"
-    del record["test_accuracy"]
-    assert metrics.format_line(record, 1875, 12.0) == "step 120/1875 | epoch 0.51 | loss 0.3121 | 12.00 ms/step"
+def test_writer_on_nonfinite_loss_writes_null(tmp_path):
+    run_dir = tmp_path / "run"
+    writer = metrics.MetricsWriter(str(run_dir))
+    state = trainer.TrainState(params={}, opt_state={})
+    writer.on_start(state, {})
+    record = {"step": 1, "epoch": 0.1, "samples_seen": 32, "train_loss": float("nan"), "lr": 0.1,
+              "step_s": 0.001, "compute_s": 0.0, "comm_s": 0.001}
+    writer.on_step(state, record)
+    writer.on_end(state, record)
+    assert json.loads((run_dir / "metrics.jsonl").read_text())["train_loss"] is None
+    assert pq.read_table(run_dir / "metrics.parquet").column("train_loss").to_pylist() == [None]
 
 
-def test_progress_logs_every_nth_evaluated_and_last_step(backend):
-    lines = []
-    progress = metrics.Progress(log_every=4, echo=lines.append, bar=False)
-    trainer.train(small_job(steps=10, eval_every=3), backend, hooks=[progress])
-    logged = [int(line.split()[1].split("/")[0]) for line in lines]
-    assert logged == [3, 4, 6, 8, 9, 10]
-    assert all(line.endswith("ms/step") for line in lines)
-    assert "acc" in lines[0] and "acc" not in lines[1]
+GOOD = '{"step": 1, "train_loss": 2.0}'
+BINARY = bytes(range(256)) * 4 + b"\n" + GOOD.encode() + b"\n"
+HOSTILE = [  # (file, content, what the one-line error says)
+    ("metrics.jsonl", [GOOD, "garbage", GOOD], "metrics.jsonl: line 2: not JSON"),
+    ("metrics.jsonl", [GOOD, "[1, 2]"], "metrics.jsonl: line 2: not a step record"),
+    ("metrics.jsonl", ['{"step": "1"}'], "metrics.jsonl: line 1: not a step record"),
+    ("metrics.jsonl", ['{"step": true}'], "metrics.jsonl: line 1: not a step record"),
+    ("metrics.jsonl", [GOOD, '{"step": 2, "train_loss": "x"}'], "line 2: train_loss is 'x', not a number"),
+    ("metrics.jsonl", [GOOD, '{"step": 2, "samples_seen": 1.5}'], "line 2: samples_seen is 1.5, not a number"),
+    ("metrics.jsonl", [GOOD, '{"step": 2, "epoch": {"a": 1}}'], "line 2: epoch is {'a': 1}, not a number"),
+    ("metrics.jsonl", [GOOD, '{"step": 2, "samples_seen": %d}' % 2**64], f"line 2: samples_seen is {2**64}, not"),
+    ("metrics.jsonl", ['{"step": 1' + "0" * 5000 + "}", GOOD], "line 1: not JSON"),
+    ("metrics.jsonl", BINARY, "metrics.jsonl: line 1: not JSON"),
+    ("metrics.parquet", BINARY, "metrics.parquet: not a readable metrics file"),
+]
+PLOT_EACH = """
+import sys
+from distmlp import metrics
+for run_dir in sys.argv[1:]:
+    try:
+        metrics.plot(run_dir, run_dir + "/c.png")
+        print("plotted")
+    except metrics.MetricsError as e:
+        print(str(e).replace(chr(10), "<newline>"))
+"""
 
 
-def test_progress_default_is_about_twenty_lines(backend):
-    lines = []
-    trainer.train(small_job(steps=100, eval_every=0), backend,
-                  hooks=[metrics.Progress(echo=lines.append, bar=False)])
-    assert len(lines) == 20
-    assert lines[-1].startswith("step 100/100 |")
+@pytest.mark.slow
+def test_hostile_metrics_files_are_one_line_errors(tmp_path):
+    """Every case plotted in one subprocess, so that a crash fails the test instead of pytest."""
+    dirs = []
+    for i, (name, content, _) in enumerate(HOSTILE):
+        run_dir = tmp_path / str(i)
+        run_dir.mkdir()
+        blob = content if isinstance(content, bytes) else ("\n".join(content) + "\n").encode()
+        (run_dir / name).write_bytes(blob)
+        dirs.append(str(run_dir))
+    proc = subprocess.run([sys.executable, "-c", PLOT_EACH, *dirs], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    assert len(out) == len(HOSTILE)
+    for run_dir, line, (_, _, message) in zip(dirs, out, HOSTILE):
+        assert line.startswith(run_dir) and message in line, (line, message)
+        assert not (Path(run_dir) / "c.png").exists()
 
 
-def test_progress_not_a_tty_has_no_bar(capsys):
-    progress = metrics.Progress(log_every=1)  # pytest's stdout is not a terminal
-    assert progress.show_bar is False
-    assert metrics.Progress(quiet=True, bar=None).show_bar is False
+KILLED_RUN = """
+import os, signal, sys
+from distmlp import checkpoint, config, data, metrics, trainer
+
+class KillAt(trainer.Hook):
+    def on_step(self, state, record):
+        if record["step"] == 13:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run_dir = sys.argv[1]
+metrics.MetricsWriter.flush_s = 1e9  # only checkpoint steps write: the worst case for a kill
+job = config.load_job(overrides=["run.steps=20", "run.checkpoint_every=5", "optimizer.lr=0.1"])
+ckpt = checkpoint.CheckpointHook(run_dir, job)
+hooks = metrics.run_hooks(job, run_dir, ckpt, quiet=True, echo=lambda line: None)
+trainer.train(job, trainer.LocalBackend(data.resolve(dataset="mnist-sample")), hooks=[*hooks, KillAt()])
+"""
 
 
-def test_progress_with_bar_still_prints_lines(backend, capsys):
-    progress = metrics.Progress(log_every=5, bar=True)
-    trainer.train(small_job(steps=10, eval_every=0), backend, hooks=[progress])
-    out = capsys.readouterr().out
-    assert "step 5/10 |" in out and "step 10/10 |" in out
+@pytest.mark.slow
+def test_a_killed_run_keeps_its_records_up_to_the_last_checkpoint_and_resumes(tmp_path, backend):
+    """SIGKILL at step 13 (checkpoints every 5): metrics.jsonl has steps 1-10; resuming from the
+    step-10 checkpoint continues it to a complete file."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(run_dir)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert [r["step"] for r in metrics.read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 11))
+    path, ckpt = checkpoint.latest_valid(run_dir)
+    assert ckpt.step == 10
+    state = checkpoint.to_train_state(ckpt)
+    trainer.train(ckpt.job, backend, state=state, hooks=[metrics.MetricsWriter(str(run_dir))])
+    assert metrics.load(str(run_dir)).column("step").to_pylist() == list(range(1, 21))

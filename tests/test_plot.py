@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -69,3 +70,33 @@ def test_missing_matplotlib_names_the_extra(run_dir, tmp_path, monkeypatch):
     r = runner.invoke(app, ["plot", str(run_dir), "-o", str(tmp_path / "c.png")])
     assert r.exit_code == 2
     assert r.output.strip() == "error: plotting needs matplotlib: pip install 'distmlp[plot]'"
+
+
+def centered_mean(values, half):
+    """Reference: the mean of values[i - half .. i + half] clipped to the list, with numpy."""
+    a = np.asarray(values, dtype=float)
+    return [a[max(i - half, 0):i + half + 1].mean() for i in range(len(a))]
+
+
+def test_figure_draws_the_batch_loss_and_its_moving_average(run_dir):
+    fig = metrics.figure(str(run_dir))
+    try:
+        lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+        assert set(lines) == {"train (batch)", "train (moving average)", "held-out"}
+        cols = metrics.load(str(run_dir)).to_pydict()
+        raw, smooth = lines["train (batch)"], lines["train (moving average)"]
+        assert list(raw.get_xdata()) == list(smooth.get_xdata()) == cols["step"]
+        assert list(raw.get_ydata()) == cols["train_loss"]
+        # 300 steps: a window of 2 % = 6 steps -> 3 on each side, 7 in all
+        assert np.allclose(smooth.get_ydata(), centered_mean(cols["train_loss"], 3))
+        assert np.std(np.diff(smooth.get_ydata())) < np.std(np.diff(raw.get_ydata())) / 3
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
+def test_smooth_skips_non_finite_values_and_keeps_short_series_raw():
+    assert metrics.smooth([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    values = [1.0, float("nan"), 3.0, None, 5.0] * 40  # 200 values: 2 on each side
+    reference = [np.nanmean([v for v in values[max(i - 2, 0):i + 3] if v is not None]) for i in range(200)]
+    assert np.allclose(metrics.smooth(values), reference)

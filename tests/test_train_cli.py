@@ -42,8 +42,10 @@ def test_quickstart_trains_to_90_percent(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(proc.stdout.strip().splitlines()) == 1, "with --json, stdout holds only the summary"
     assert set(summary) == {"run_dir", "checkpoint", "workers", "optimizer", "steps", "epochs",
-                            "train_loss", "test_loss", "test_accuracy", "wall_s", "membership"}
+                            "train_loss", "test_loss", "test_accuracy", "wall_s", "membership",
+                            "examples_per_s", "best_checkpoint", "dataset", "data_path"}
     assert summary["membership"] == []  # no worker came or went
+    assert summary["best_checkpoint"] == summary["checkpoint"] and summary["examples_per_s"] > 0
     assert summary["test_accuracy"] >= 0.90, summary
     assert (summary["workers"], summary["optimizer"], summary["steps"]) == (2, "minibatch", 1250)
     assert config.load_job(run_dir / "job.toml") == config.load_job(ROOT / "jobs" / "quickstart.toml",

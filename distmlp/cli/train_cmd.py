@@ -1,6 +1,7 @@
 """`distmlp train`: run a job on embedded Ray or on a cluster."""
 
 import json
+import shlex
 from typing import Annotated, Optional
 
 import typer
@@ -51,6 +52,7 @@ def train(
     resume: Annotated[Optional[str], Opt("--resume", help="Continue RUN_DIR from its newest valid checkpoint "
                                          "(with --workers, --steps/--epochs, --set cluster.*/run.* to change).")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print one JSON summary as the last line of stdout.")] = False,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress output: only errors and the summary.")] = False,
 ):
     """Train a job on Ray (embedded local Ray unless --address is given).
 
@@ -68,11 +70,32 @@ def train(
         job = None
     else:
         job = config.load_job(job_file, set_ or (), updates)
-    echo = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
-    summary = run_training(job, resume=resume, json_mode=as_json, echo=echo, address=address,
+    if quiet:
+        echo = lambda line: None  # noqa: E731
+    else:
+        echo = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
+    # json_mode: no progress bar (stdout is for the JSON line, or --quiet shows nothing)
+    summary = run_training(job, resume=resume, json_mode=as_json or quiet, echo=echo, address=address,
                            resume_updates=resume_updates)
-    if as_json:
-        typer.echo(json.dumps(summary))
+    typer.echo(json.dumps(summary) if as_json else format_summary(summary))
+
+
+def format_summary(summary):
+    """The lines printed at the end of a run: results, where they are, and what to run next."""
+    acc, loss = summary["test_accuracy"], summary["test_loss"]
+    held_out = f"held-out accuracy {acc:.2%} | loss {loss:.4f}" if acc is not None else "not evaluated"
+    run_dir, q = summary["run_dir"], shlex.quote
+    data = f"--data {q(summary['data_path'])}" if summary.get("data_path") else f"--dataset {q(summary['dataset'])}"
+    best = summary.get("best_checkpoint") or summary["checkpoint"]
+    return "\n".join([
+        f"done: {held_out} | {summary['steps']} steps | {summary['examples_per_s']:,.0f} examples/s | "
+        f"{summary['wall_s']:.1f} s",
+        f"  run directory    {run_dir}",
+        f"  best checkpoint  {best}",
+        f"  plot the curves  distmlp plot {q(run_dir)} -o curves.png",
+        f"  evaluate it      distmlp evaluate {q(best)} {data}",
+        f"  TensorBoard      tensorboard --logdir {q(run_dir)}",
+    ])
 
 
 def run_training(job, resume=None, json_mode=False, echo=print, address=None, resume_updates=None):

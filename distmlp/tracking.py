@@ -1,0 +1,180 @@
+"""Experiment tracking: TensorBoard event files in the run directory, and MLflow (run.mlflow_uri).
+
+Both are training-loop hooks that buffer step records and write them in batches
+(metrics.BufferedHook): train/loss, test/loss, test/accuracy, lr, perf/step_ms and
+perf/examples_per_s by step.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import time
+
+from distmlp import config
+from distmlp.errors import UserError
+from distmlp.metrics import BufferedHook
+
+log = logging.getLogger("distmlp")
+
+
+class TrackingError(UserError):
+    """run.mlflow_uri cannot be used: mlflow is not installed, or the tracking store refused."""
+
+
+def scalars(record, examples):
+    """{name: value} MLflow logs for one step record; examples: how many the step trained on."""
+    out = {"train/loss": record["train_loss"], "lr": record["lr"], "perf/step_ms": 1000 * record["step_s"]}
+    if record["step_s"] > 0:
+        out["perf/examples_per_s"] = examples / record["step_s"]
+    if record.get("test_loss") is not None:
+        out["test/loss"] = record["test_loss"]
+        out["test/accuracy"] = record["test_accuracy"]
+    return out
+
+
+def job_params(job):
+    """The job's fields flattened to {"section.key": text}."""
+    return {f"{section}.{key}": str(value)
+            for section, table in config.to_dict(job).items() for key, value in table.items()}
+
+
+class ScalarHook(BufferedHook):
+    """A BufferedHook whose rows are (wall time, record, examples the step trained on)."""
+
+    def on_start(self, state, info):
+        self._samples = state.samples_seen
+
+    def row(self, record):
+        examples, self._samples = record["samples_seen"] - self._samples, record["samples_seen"]
+        return time.time(), record, examples
+
+
+class TensorBoardHook(ScalarHook):
+    """Scalars by step in an event file in RUN_DIR (`tensorboard --logdir runs/`), and the job as
+    text. Losses are logged at every step; lr, perf/step_ms and perf/examples_per_s once per
+    write (every flush_s seconds), over the steps written, at the last of them. A resumed run
+    hides the events after its resumed step (TensorBoard's purge)."""
+
+    flush_s = 2.0
+
+    def __init__(self, run_dir, job):
+        super().__init__()
+        self.run_dir, self.job = run_dir, job
+        self._writer = None
+
+    def on_start(self, state, info):
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        super().on_start(state, info)
+        self._Event = Event
+        # the suffix keeps a resumed run's file apart from one started in the same second
+        self._writer = EventsWriter(os.path.join(self.run_dir, "events"), f".{time.time_ns()}")
+        if state.step > 0:
+            self._writer.write_event(Event(step=state.step + 1, session_log=SessionLog(status=SessionLog.START)))
+        toml = "    " + config.to_toml(self.job).strip().replace("\n", "\n    ")  # a markdown code block
+        self._writer.write_event(Event(wall_time=time.time(), step=state.step, summary=summary.text("job", toml)))
+        self._writer.flush()
+
+    def write(self, rows):
+        events = []
+        for wall, record, _ in rows:
+            event = self._Event(wall_time=wall, step=record["step"])
+            event.summary.value.add(tag="train/loss", simple_value=record["train_loss"])
+            if record.get("test_loss") is not None:
+                event.summary.value.add(tag="test/loss", simple_value=record["test_loss"])
+                event.summary.value.add(tag="test/accuracy", simple_value=record["test_accuracy"])
+            events.append(event)
+        step_s = sum(record["step_s"] for _, record, _ in rows)
+        values = events[-1].summary.value
+        values.add(tag="lr", simple_value=rows[-1][1]["lr"])
+        values.add(tag="perf/step_ms", simple_value=1000 * step_s / len(rows))
+        if step_s > 0:
+            values.add(tag="perf/examples_per_s", simple_value=sum(n for _, _, n in rows) / step_s)
+        for event in events:
+            self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class MlflowHook(ScalarHook):
+    """An MLflow run (experiment run.name) at tracking URI uri: the job's parameters (section.key),
+    the scalars by step in batches (one log_batch call per flush), and at the end the last
+    checkpoint directory (last_checkpoint() gives its path) as the artifact `checkpoint`.
+
+    A failure to log during the run is a warning, and MLflow logging stops; the training goes on.
+    """
+
+    flush_s = 5.0
+
+    def __init__(self, uri, job, run_dir, last_checkpoint):
+        super().__init__()
+        try:
+            from mlflow.entities import Metric, Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise TrackingError("run.mlflow_uri needs mlflow: pip install 'distmlp[mlflow]'") from None
+        self.uri, self.job, self.run_dir, self.last_checkpoint = uri, job, run_dir, last_checkpoint
+        self._Metric, self._Param = Metric, Param
+        with self._errors():
+            self._client = MlflowClient(tracking_uri=uri)
+        self.run_id = None
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """Any error of the tracking store as a one-line TrackingError naming the URI."""
+        try:
+            yield
+        except Exception as e:  # mlflow raises MlflowException, requests' and OS errors alike
+            raise TrackingError(f"run.mlflow_uri {self.uri!r}: {_first_line(e)}") from None
+
+    def on_start(self, state, info):
+        super().on_start(state, info)
+        with self._errors():
+            name = self.job.run.name
+            experiment = self._client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(name)
+            tags = {"distmlp.run_dir": os.path.abspath(self.run_dir), "distmlp.first_step": str(state.step)}
+            run = self._client.create_run(experiment_id, run_name=os.path.basename(os.path.normpath(self.run_dir)),
+                                          tags=tags)
+            params = [self._Param(k, v) for k, v in job_params(self.job).items()]
+            self._client.log_batch(run.info.run_id, params=params)
+        self.run_id = run.info.run_id
+
+    def write(self, rows):
+        if self.run_id is None:
+            return
+        metrics = [self._Metric(key, value, int(wall * 1000), record["step"])
+                   for wall, record, examples in rows
+                   for key, value in scalars(record, examples).items() if math.isfinite(value)]
+        self._guard(lambda: self._client.log_batch(self.run_id, metrics=metrics))
+
+    def close(self):
+        if self.run_id is None:
+            return
+        path = self.last_checkpoint()
+        if path is not None:
+            self._guard(lambda: self._client.log_artifacts(self.run_id, str(path), artifact_path="checkpoint"))
+        self._guard(lambda: self._client.set_terminated(self.run_id, "FINISHED"))
+        self.run_id = None
+
+    def _guard(self, call):
+        """call(); on failure warn once and stop logging to MLflow."""
+        if self.run_id is None:
+            return
+        try:
+            call()
+        except Exception as e:  # as in _errors: the store's errors have no common base
+            log.warning("MLflow logging to %s stopped: %s", self.uri, _first_line(e))
+            self.run_id = None
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
