@@ -115,12 +115,14 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
         checkpoint.check_sampler(ckpt, sampler)  # the data set must still give the same batches
     if job.optimizer.name == "sgd" and job.cluster.workers > 1:
         echo("note: sgd updates after every example, so more workers add no speed (only shards the data)")
-    changes = []
+    changes, writers = [], []
 
-    def on_change(event):
+    def on_change(event):  # a change of the worker count: a progress line and a record in metrics.jsonl
         changes.append(event)
         echo(f"workers {event['workers_before']} -> {event['workers_after']} at step {event['step']} "
              f"({event['why']}; {event['nodes']} node(s), regrouped in {event['seconds']:.1f} s)")
+        for writer in writers:
+            writer.event(event)
     backend, started = start_backend(source, job, echo, on_change)
     try:
         where = (f"{job.cluster.workers} workers on {len(backend.group.nodes())} node(s)"
@@ -132,6 +134,7 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
             f.write(config.to_toml(job))
         ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
         loop_hooks = [*metrics.run_hooks(job, run_dir, ckpt_hook, quiet=json_mode, echo=echo), *hooks]
+        writers += [h for h in loop_hooks if isinstance(h, metrics.MetricsWriter)]
         try:
             state = trainer.train(job, backend, state, loop_hooks)
         except RunStopped as e:

@@ -38,6 +38,7 @@ class ElasticBackend:
             except ClusterError:  # not every worker fits yet: start with what fits, at least min_workers
                 self.inner = start(source, self._sized(min(max(self._room(0), self.least), self.most)))
         self.failures = 0  # spent by groups before the current one
+        self._at = 0  # the step the weights are at (for a change during an evaluation)
         self._next_check = time.monotonic() + GROW_CHECK_S
 
     @property
@@ -60,7 +61,9 @@ class ElasticBackend:
         self._maybe_grow(state.step)
         while True:
             try:
-                return self.inner.run_steps(state, stop, plan)
+                done = self.inner.run_steps(state, stop, plan)
+                self._at = state.step + len(done.steps)
+                return done
             except Unreplaceable as e:  # the round is computed again by the workers that are left
                 self._shrink(state.step, e)
 
@@ -69,7 +72,7 @@ class ElasticBackend:
             try:
                 return self.inner.evaluate(params)
             except Unreplaceable as e:
-                self._shrink(None, e)
+                self._shrink(self._at, e)
 
     def close(self):
         self.inner.close()

@@ -14,6 +14,7 @@ import time
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
@@ -22,6 +23,7 @@ from distmlp.errors import UserError
 from distmlp.trainer import Hook
 
 JSONL = "metrics.jsonl"
+EVENT = "event"  # the key that marks a metrics.jsonl record that is not a step (e.g. "membership")
 PARQUET = "metrics.parquet"
 
 # One row per step; held-out columns are null where the step was not evaluated.
@@ -153,14 +155,20 @@ class MetricsWriter(BufferedHook):
     def on_start(self, state, info):
         os.makedirs(self.run_dir, exist_ok=True)
         old = read_jsonl(self.jsonl_path) if os.path.exists(self.jsonl_path) else []
-        kept = [{k: r[k] for k in SCHEMA.names if k in r} for r in old if r["step"] <= state.step]
-        offset = (kept[-1].get("wall_s") or 0.0) if kept else 0.0
+        kept = [r if EVENT in r else {k: r[k] for k in SCHEMA.names if k in r} for r in old if r["step"] <= state.step]
+        steps = [r for r in kept if EVENT not in r]
+        offset = (steps[-1].get("wall_s") or 0.0) if steps else 0.0
         self._t0 = time.perf_counter() - offset
         fsutil.atomic_write(self.jsonl_path, lambda tmp: self._write_lines(tmp, kept))
         self._file = open(self.jsonl_path, "ab")
 
     def row(self, record):
         return {**record, "wall_s": time.perf_counter() - self._t0}
+
+    def event(self, record):
+        """Write a record that is not a step (record[EVENT] names it, e.g. "membership") now."""
+        self._rows.append(self.row(record))
+        self.flush()
 
     def must_flush(self, record):
         evaluated = record.get("test_accuracy") is not None
@@ -172,10 +180,12 @@ class MetricsWriter(BufferedHook):
 
     def on_end(self, state, record):
         super().on_end(state, record)
-        options = pa_json.ParseOptions(explicit_schema=SCHEMA, unexpected_field_behavior="ignore")
+        options = pa_json.ParseOptions(explicit_schema=SCHEMA.append(pa.field(EVENT, pa.string())),
+                                       unexpected_field_behavior="ignore")
         table = pa_json.read_json(self.jsonl_path, read_options=pa_json.ReadOptions(use_threads=False),
                                   parse_options=options)
-        write_parquet_atomic(table, self.parquet_path)
+        steps = table.filter(pc.is_null(table.column(EVENT))).select(SCHEMA.names)
+        write_parquet_atomic(steps, self.parquet_path)
 
     def close(self):
         if self._file is not None:
@@ -212,7 +222,7 @@ def load(run_dir):
     parquet, jsonl = os.path.join(run_dir, PARQUET), os.path.join(run_dir, JSONL)
     if os.path.exists(jsonl) and (not os.path.exists(parquet)
                                   or os.path.getmtime(jsonl) > os.path.getmtime(parquet)):
-        return to_table(read_jsonl(jsonl))
+        return to_table([r for r in read_jsonl(jsonl) if EVENT not in r])
     if os.path.exists(parquet):
         try:
             return pq.read_table(parquet, schema=SCHEMA, use_threads=False)
@@ -221,6 +231,12 @@ def load(run_dir):
     if not os.path.isdir(run_dir):
         raise MetricsError(f"{run_dir}: no such run directory")
     raise MetricsError(f"{run_dir}: no {PARQUET} or {JSONL} in this run directory")
+
+
+def events(run_dir, kind="membership"):
+    """The records of metrics.jsonl that are not steps but events of one kind (worker count changes)."""
+    jsonl = os.path.join(run_dir, JSONL)
+    return [r for r in read_jsonl(jsonl) if r.get(EVENT) == kind] if os.path.exists(jsonl) else []
 
 
 def smooth(values, fraction=0.02):
@@ -266,6 +282,11 @@ def figure(run_dir):
     ax_acc.plot(eval_steps, [100 * cols["test_accuracy"][i] for i in evaluated], "o-", ms=3, color="C2")
     ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="held-out accuracy")
     ax_acc.grid(alpha=0.3)
+    for change in events(run_dir):  # elastic training: where the worker count changed
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(change["step"], color="0.4", ls="--", lw=0.8)
+        ax_acc.annotate(f"{change['workers_before']}->{change['workers_after']} workers", (change["step"], 0.02),
+                        xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="0.3")
     fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
     return fig
 

@@ -187,3 +187,28 @@ def test_a_killed_run_keeps_its_records_up_to_the_last_checkpoint_and_resumes(tm
     state = checkpoint.to_train_state(ckpt)
     trainer.train(ckpt.job, backend, state=state, hooks=[metrics.MetricsWriter(str(run_dir))])
     assert metrics.load(str(run_dir)).column("step").to_pylist() == list(range(1, 21))
+
+
+def test_a_change_of_workers_is_a_record_in_metrics_jsonl_and_a_mark_on_the_plot(tmp_path, backend):
+    """Elastic training's membership events go to metrics.jsonl beside the steps; step tables
+    (metrics.parquet, load) leave them out; the plot draws a line at each."""
+    run_dir = tmp_path / "run"
+    writer = metrics.MetricsWriter(str(run_dir))
+    change = {"event": "membership", "step": 4, "workers_before": 3, "workers_after": 2, "nodes": 2,
+              "seconds": 1.5, "why": "lost worker(s) 2"}
+
+    class Change(trainer.Hook):
+        def on_step(self, state, record):
+            if record["step"] == 4:
+                writer.event(change)
+
+    trainer.train(small_job(steps=8, eval_every=4), backend, hooks=[writer, Change()])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 4, 5, 6, 7, 8]
+    assert {k: v for k, v in lines[4].items() if k != "wall_s"} == change
+    assert pq.read_table(run_dir / "metrics.parquet").column("step").to_pylist() == list(range(1, 9))
+    assert metrics.load(str(run_dir)).column("step").to_pylist() == list(range(1, 9))
+    assert [e["workers_after"] for e in metrics.events(str(run_dir))] == [2]
+    fig = metrics.figure(str(run_dir))
+    marks = [line for ax in fig.axes for line in ax.lines if list(line.get_xdata()) == [4, 4]]
+    assert len(marks) == 2  # on the loss and the accuracy panels
