@@ -49,10 +49,10 @@ def test_spaces_become_tune_domains():
 
 
 def test_plain_values_stay_fixed_overrides():
-    fixed, spaces = sweep.parse_sets(["optimizer.lr=0.1", 'run.name="choice(a)"', "optimizer.lr=choice(0.1, 1)"])
-    assert fixed == ["optimizer.lr=0.1", 'run.name="choice(a)"']
+    fixed, spaces = sweep.parse_sets(["optimizer.lr=0.1", 'data.dataset="choice(a)"', "optimizer.lr=choice(0.1, 1)"])
+    assert fixed == ["optimizer.lr=0.1", 'data.dataset="choice(a)"']
     assert [(s.key, s.args) for s in spaces] == [("optimizer.lr", (0.1, 1))]
-    assert config.load_job(None, fixed).run.name == "choice(a)"
+    assert config.load_job(None, fixed).data.dataset == "choice(a)"
 
 
 @pytest.mark.parametrize("text,message", [
