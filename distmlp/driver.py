@@ -9,8 +9,25 @@ import math
 import os
 import time
 
-from distmlp import checkpoint, config, data, metrics, trainer
+from distmlp import checkpoint, config, data, metrics, progress, tracking, trainer
 from distmlp.errors import RunStopped, UserError
+
+
+def run_hooks(job, run_dir, checkpoint_hook, quiet=False, echo=print):
+    """The hooks of a CLI run, in order: progress, metrics files, checkpoints, TensorBoard, MLflow
+    (when run.mlflow_uri is set). The metrics files come before the checkpoint so a checkpoint
+    never names a step whose record is not on disk; MLflow comes after it to upload the last one."""
+    hooks = [progress.Progress(job.run.log_every, quiet=quiet, echo=echo),
+             metrics.MetricsWriter(run_dir, job.run.checkpoint_every), checkpoint_hook,
+             tracking.TensorBoardHook(run_dir, job)]
+    if job.run.mlflow_uri:
+        hooks.append(tracking.MlflowHook(job.run.mlflow_uri, job, run_dir, lambda: checkpoint_hook.last_path))
+    return hooks
+
+
+def examples_per_s(hooks):
+    """Training examples per second of wall time over the run, as measured by its Progress hook."""
+    return next(h.examples_per_s for h in hooks if isinstance(h, progress.Progress))
 
 
 def _resume_hint(run_dir, latest):
@@ -133,7 +150,7 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
         with open(os.path.join(run_dir, "job.toml"), "w") as f:
             f.write(config.to_toml(job))
         ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
-        loop_hooks = [*metrics.run_hooks(job, run_dir, ckpt_hook, quiet=json_mode, echo=echo), *hooks]
+        loop_hooks = [*run_hooks(job, run_dir, ckpt_hook, quiet=json_mode, echo=echo), *hooks]
         writers += [h for h in loop_hooks if isinstance(h, metrics.MetricsWriter)]
         try:
             state = trainer.train(job, backend, state, loop_hooks)
@@ -149,5 +166,5 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
             "optimizer": job.optimizer.name, "steps": state.step, "epochs": m.get("epoch"),
             "train_loss": m.get("train_loss"), "test_loss": m.get("test_loss"),
             "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0, "membership": changes,
-            "examples_per_s": metrics.examples_per_s(loop_hooks), "best_checkpoint": checkpoint.pointer(run_dir, "best"),
+            "examples_per_s": examples_per_s(loop_hooks), "best_checkpoint": checkpoint.pointer(run_dir, "best"),
             "dataset": job.data.dataset, "data_path": job.data.path}

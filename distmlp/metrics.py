@@ -198,25 +198,6 @@ class MetricsWriter(BufferedHook):
             f.writelines(orjson.dumps(r, option=JSON_OPTIONS) for r in records)
 
 
-def run_hooks(job, run_dir, checkpoint_hook, quiet=False, echo=print):
-    """The hooks of a CLI run, in order: progress, metrics files, checkpoints, TensorBoard, MLflow
-    (when run.mlflow_uri is set). The metrics files come before the checkpoint so a checkpoint
-    never names a step whose record is not on disk; MLflow comes after it to upload the last one."""
-    from distmlp import progress, tracking
-    hooks = [progress.Progress(job.run.log_every, quiet=quiet, echo=echo),
-             MetricsWriter(run_dir, job.run.checkpoint_every), checkpoint_hook,
-             tracking.TensorBoardHook(run_dir, job)]
-    if job.run.mlflow_uri:
-        hooks.append(tracking.MlflowHook(job.run.mlflow_uri, job, run_dir, lambda: checkpoint_hook.last_path))
-    return hooks
-
-
-def examples_per_s(hooks):
-    """Training examples per second of wall time over the run, as measured by its Progress hook."""
-    from distmlp import progress
-    return next(h.examples_per_s for h in hooks if isinstance(h, progress.Progress))
-
-
 def load(run_dir):
     """The step records of a run directory as a pyarrow Table (Parquet, else the JSON lines)."""
     parquet, jsonl = os.path.join(run_dir, PARQUET), os.path.join(run_dir, JSONL)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from distmlp import checkpoint, config, data, metrics, trainer
+from distmlp import checkpoint, config, data, driver, metrics, trainer
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_hostile_metrics_files_are_one_line_errors(tmp_path):
 
 KILLED_RUN = """
 import os, signal, sys
-from distmlp import checkpoint, config, data, metrics, trainer
+from distmlp import checkpoint, config, data, driver, metrics, trainer
 
 class KillAt(trainer.Hook):
     def on_step(self, state, record):
@@ -168,7 +168,7 @@ run_dir = sys.argv[1]
 metrics.MetricsWriter.flush_s = 1e9  # only checkpoint steps write: the worst case for a kill
 job = config.load_job(overrides=["run.steps=20", "run.checkpoint_every=5", "optimizer.lr=0.1"])
 ckpt = checkpoint.CheckpointHook(run_dir, job)
-hooks = metrics.run_hooks(job, run_dir, ckpt, quiet=True, echo=lambda line: None)
+hooks = driver.run_hooks(job, run_dir, ckpt, quiet=True, echo=lambda line: None)
 trainer.train(job, trainer.LocalBackend(data.resolve(dataset="mnist-sample")), hooks=[*hooks, KillAt()])
 """
 

@@ -4,7 +4,7 @@ import builtins
 
 import pytest
 
-from distmlp import checkpoint, config, data, metrics, tracking, trainer
+from distmlp import checkpoint, config, data, driver, metrics, tracking, trainer
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_mlflow_gets_params_metrics_by_step_and_the_last_checkpoint(tmp_path, ba
                         lambda self, run_id, metrics=(), **kw: batches.append(len(metrics)) or
                         real_log_batch(self, run_id, metrics=metrics, **kw))
     seen = Records()
-    hooks = [seen, *metrics.run_hooks(job, str(run_dir), ckpt, quiet=True, echo=lambda line: None)]
+    hooks = [seen, *driver.run_hooks(job, str(run_dir), ckpt, quiet=True, echo=lambda line: None)]
     trainer.train(job, backend, hooks=hooks)
 
     client = MlflowClient(tracking_uri=uri)

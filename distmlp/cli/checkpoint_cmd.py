@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from distmlp import checkpoint, config, data, mlp
-from distmlp.cli import app, user_errors
+from distmlp.cli.app import app, user_errors
 from distmlp.cli.data_cmd import DataDir, DatasetName, resolve_source
 
 ckpt_app = typer.Typer(help="Inspect, export and import checkpoints.", no_args_is_help=True)

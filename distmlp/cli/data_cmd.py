@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from distmlp import data
-from distmlp.cli import app, user_errors
+from distmlp.cli.app import app, user_errors
 
 data_app = typer.Typer(help="Inspect, download and convert data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from distmlp import config, jobs_api
-from distmlp.cli import app, user_errors
+from distmlp.cli.app import app, user_errors
 
 Opt = typer.Option
 Address = Annotated[Optional[str], Opt("--address", "-a", help="The cluster's Jobs API, http://HOST:8265 "

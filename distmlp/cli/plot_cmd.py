@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from distmlp import metrics
-from distmlp.cli import app, user_errors
+from distmlp.cli.app import app, user_errors
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from distmlp.cli import app, user_errors
+from distmlp.cli.app import app, user_errors
 from distmlp.errors import UserError
 
 Opt = typer.Option

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from distmlp import config
-from distmlp.cli import app, user_errors
+from distmlp.cli.app import app, user_errors
 
 Opt = typer.Option
 
@@ -54,7 +54,7 @@ def train(
     as_json: Annotated[bool, Opt("--json", help="Print one JSON summary as the last line of stdout.")] = False,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress output: only errors and the summary.")] = False,
 ):
-    """Train a job on Ray (embedded local Ray unless --address is given).
+    """Train a job on an embedded local Ray, on a cluster (--address), or in this process (--workers 0).
 
     Example: distmlp train jobs/quickstart.toml
     """
