@@ -106,3 +106,21 @@ def test_workers_0_trains_in_this_process_without_ray(tmp_path):
     assert (summary["workers"], summary["steps"]) == (0, 3)
     assert checkpoint.load(summary["checkpoint"]).step == 3
     assert (tmp_path / "run" / "metrics.jsonl").is_file() and (tmp_path / "run" / "job.toml").is_file()
+
+
+def test_resume_never_takes_the_cluster_address_from_the_run_directory(tmp_path, monkeypatch):
+    """A run directory from elsewhere could name its owner's cluster, which would then get this
+    user's Ray token and send back results to unpickle: the address comes from --address only."""
+    from distmlp import driver, trainer
+    job = config.load_job(None, ["cluster.workers=0", "run.steps=4", 'cluster.address="10.9.9.9:6379"'])
+    state = trainer.initial_state(job)
+    checkpoint.save_in_run(tmp_path / "run", state, job,
+                           trainer.make_sampler(job, 8000).state())
+    seen = []
+    real = driver.start_backend
+    monkeypatch.setattr(driver, "start_backend", lambda source, j, echo, on_change: (
+        seen.append(j.cluster.address), real(source, j, echo, on_change))[1])
+    driver.run_job(None, resume=str(tmp_path / "run"), echo=lambda line: None)
+    driver.run_job(None, resume=str(tmp_path / "run"), echo=lambda line: None, address="127.0.0.1:7",
+                   resume_updates={"run.steps": 6})
+    assert seen == [None, "127.0.0.1:7"]
