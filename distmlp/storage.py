@@ -127,10 +127,15 @@ def make_dirs(target):
 
 
 def listing(target, recursive=False):
-    """[(path relative to target, FileInfo)] of what a directory holds, [] when there is none."""
+    """[(path relative to target, FileInfo)] of what a directory holds, [] when there is none;
+    StorageError when its bucket does not exist."""
     fs, path = split(target) if is_remote(target) else (pafs.LocalFileSystem(), os.path.abspath(target))
     with _errors(target):
         found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+        bucket = path.split("/", 1)[0]
+        missing = not found and fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        if missing and not isinstance(fs, pafs.LocalFileSystem):
+            raise StorageError(f"{target}: no such bucket {bucket!r}")
     return [(entry.path[len(path.rstrip("/")) + 1:], entry) for entry in found]
 
 

@@ -153,8 +153,8 @@ def s3_endpoint(tmp_path_factory):
         log.close()
 
 
-def _cli(*args, check=True):
-    env = {**os.environ, **S3_ENV}
+def _cli(*args, check=True, env=()):
+    env = {**os.environ, **S3_ENV, **dict(env)}
     distmlp = os.path.join(os.path.dirname(sys.executable), "distmlp")
     result = subprocess.run([distmlp, *args], capture_output=True, text=True, env=env, timeout=300)
     if check:
@@ -227,3 +227,19 @@ def test_train_resume_inspect_plot_on_s3_match_a_local_run(s3_endpoint, tmp_path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluated = json.loads(_cli("evaluate", uri, "--dataset", "mnist-sample", "--json").stdout)
     assert evaluated["test_accuracy"] == pytest.approx(info["metrics"]["test_accuracy"], abs=0)
+
+
+@pytest.mark.slow
+def test_the_endpoint_from_the_environment_and_a_missing_bucket(s3_endpoint):
+    env = {"AWS_ENDPOINT_URL": f"http://{s3_endpoint}"}
+    run = f"s3://{BUCKET}/runs/env"
+    summary = json.loads(_cli("train", "--workers", "0", "--steps", "3", "--run-dir", run, "--json", env=env)
+                         .stdout.splitlines()[-1])
+    assert summary["checkpoint"] == f"{run}/checkpoints/step-000003"
+    again = _cli("train", "--workers", "0", "--steps", "3", "--run-dir", run, env=env, check=False)
+    assert again.returncode == 2 and "run directory exists and is not empty" in again.stderr
+    missing = _cli("train", "--workers", "0", "--steps", "3", "--run-dir", "s3://no-such-bucket/r", env=env,
+                   check=False)
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == ["error: s3://no-such-bucket/r: no such bucket 'no-such-bucket'"]
+    assert missing.stdout == ""  # refused before the data set and the backend
