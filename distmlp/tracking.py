@@ -120,7 +120,8 @@ class TensorBoardHook(ScalarHook):
 class MlflowHook(ScalarHook):
     """An MLflow run (experiment run.name) at tracking URI uri: the job's parameters (section.key),
     the scalars by step in batches (one log_batch call per flush), and at the end the last
-    checkpoint directory (last_checkpoint() gives its path) as the artifact `checkpoint`.
+    checkpoint directory (last_checkpoint() gives its path, a local one or a URI) as the artifact
+    `checkpoint`.
 
     A failure to log during the run is a warning, and MLflow logging stops; the training goes on.
     """
@@ -175,9 +176,20 @@ class MlflowHook(ScalarHook):
             return
         path = self.last_checkpoint()
         if path is not None:
-            self._guard(lambda: self._client.log_artifacts(self.run_id, str(path), artifact_path="checkpoint"))
+            self._guard(lambda: self._log_checkpoint(path))
         self._guard(lambda: self._client.set_terminated(self.run_id, "FINISHED"))
         self.run_id = None
+
+    def _log_checkpoint(self, path):
+        """The checkpoint directory as the artifact `checkpoint` (from an object store: through a
+        local temporary copy, as MLflow uploads local files)."""
+        if not storage.is_remote(path):
+            return self._client.log_artifacts(self.run_id, str(path), artifact_path="checkpoint")
+        with tempfile.TemporaryDirectory(prefix="distmlp-checkpoint-") as tmp:
+            for name, _ in storage.listing(path):
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(storage.read_bytes(storage.join(path, name)))
+            self._client.log_artifacts(self.run_id, tmp, artifact_path="checkpoint")
 
     def _guard(self, call):
         """call(); on failure warn once and stop logging to MLflow."""

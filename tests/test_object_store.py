@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from distmlp import checkpoint, config, metrics, storage, trainer
+from distmlp import checkpoint, config, data, metrics, storage, trainer
 from distmlp.checkpoint import format as ckpt_format
 
 
@@ -113,6 +113,32 @@ def test_uri_paths_keep_their_query_and_bad_uris_are_one_line_errors():
     with pytest.raises(storage.StorageError, match=r"^nosuch://x/y: .*") as e:
         storage.is_dir("nosuch://x/y")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_tensorboard_events_and_the_mlflow_checkpoint_artifact_come_from_an_object_store(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    run = f"file://{tmp_path}/run"
+    job = config.load_job(overrides=["run.steps=12", "run.eval_every=0", f"run.mlflow_uri={uri!r}",
+                                     "run.name=\"remote\""])
+    ckpt = checkpoint.CheckpointHook(run, job)
+    hooks = metrics.run_hooks(job, run, ckpt, quiet=True, echo=lambda line: None)
+    trainer.train(job, trainer.LocalBackend(data.resolve(dataset="mnist-sample")), hooks=hooks)
+
+    assert ckpt.last_path == f"{run}/checkpoints/step-000012"
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+    client = MlflowClient(tracking_uri=uri)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("remote").experiment_id])
+    assert mlflow_run.data.tags["distmlp.run_dir"] == run
+    artifacts = {f.path for f in client.list_artifacts(mlflow_run.info.run_id, "checkpoint")}
+    assert artifacts == {f"checkpoint/{name}" for name in (*checkpoint.FILES, "manifest.json")}
+    local = client.download_artifacts(mlflow_run.info.run_id, "checkpoint", str(tmp_path / "dl"))
+    assert checkpoint.load(local).step == 12
 
 
 # --- a real S3 API on 127.0.0.1 (moto's server) ---
