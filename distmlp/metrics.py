@@ -112,9 +112,7 @@ def read_parts(run_dir):
     from that step on, as resuming a local run does."""
     parts_dir = storage.join(run_dir, PARTS)
     records, last_step = [], None
-    for rel, _ in sorted(storage.listing(parts_dir)):
-        if not PART.fullmatch(rel):
-            continue
+    for rel in sorted(rel for rel, _ in storage.listing(parts_dir) if PART.fullmatch(rel)):
         path = storage.join(parts_dir, rel)
         for record in _parse_lines(path, storage.read_bytes(path).decode("utf-8", errors="replace")):
             if EVENT not in record:
@@ -199,7 +197,7 @@ class MetricsWriter(BufferedHook):
         self.remote = storage.is_remote(run_dir)
         if self.remote:
             self.flush_s = self.remote_flush_s
-        self.jsonl_path = str(storage.join(run_dir, JSONL))
+        self.jsonl_path = os.path.join(run_dir, JSONL)  # local only
         self.parquet_path = str(storage.join(run_dir, PARQUET))
         self._file = None
         self._part = 0  # on an object store: the number of the next part
