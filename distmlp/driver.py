@@ -9,7 +9,7 @@ import math
 import os
 import time
 
-from distmlp import checkpoint, config, data, metrics, progress, tracking, trainer
+from distmlp import checkpoint, config, data, metrics, progress, storage, tracking, trainer
 from distmlp.errors import RunStopped, UserError
 
 
@@ -124,7 +124,7 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
         echo(f"resuming {run_dir} from {path} (step {state.step})")
     else:
         run_dir = job.run.run_dir or default_run_dir(job)
-        if os.path.exists(run_dir) and os.listdir(run_dir):
+        if storage.listing(run_dir):
             raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir})")
     source = data.resolve(job.data.dataset, job.data.path)
     sampler = trainer.make_sampler(job, source.train.count)  # refuses a batch larger than the data set
@@ -146,9 +146,8 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
                  if job.cluster.workers else "in this process (no Ray workers)")
         echo(f"{where} | {job.optimizer.name} lr {job.optimizer.learning_rate} | "
              f"{source.name}: {backend.n_train} train, {backend.n_test} held out")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "job.toml"), "w") as f:
-            f.write(config.to_toml(job))
+        storage.make_dirs(run_dir)
+        storage.write_bytes(storage.join(run_dir, "job.toml"), config.to_toml(job).encode())
         ckpt_hook = checkpoint.CheckpointHook(run_dir, job, job.run.checkpoint_every, job.run.keep_last)
         loop_hooks = [*run_hooks(job, run_dir, ckpt_hook, quiet=json_mode, echo=echo), *hooks]
         writers += [h for h in loop_hooks if isinstance(h, metrics.MetricsWriter)]

@@ -5,11 +5,16 @@ and on_end(state, record). Records are flat dicts: step, epoch, samples_seen, tr
 step_s, compute_s, comm_s, plus test_loss and test_accuracy on evaluated steps; MetricsWriter
 adds wall_s (seconds since the run started). The engine runs rounds of many steps, so on_step
 calls come in bursts: the hooks here buffer records and write them in batches (BufferedHook).
+
+In a run directory on an object store (distmlp.storage), which cannot append, the JSON lines go
+to numbered objects metrics/part-000000.jsonl, part-000001.jsonl, ... one per write.
 """
 
+import io
 import json
 import math
 import os
+import re
 import time
 
 import orjson
@@ -18,13 +23,15 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from distmlp import fsutil
+from distmlp import fsutil, storage
 from distmlp.errors import UserError
 from distmlp.trainer import Hook
 
 JSONL = "metrics.jsonl"
 EVENT = "event"  # the key that marks a metrics.jsonl record that is not a step (e.g. "membership")
 PARQUET = "metrics.parquet"
+PARTS = "metrics"  # on an object store: the directory of the JSON-line parts
+PART = re.compile(r"part-\d{6}\.jsonl")
 
 # One row per step; held-out columns are null where the step was not evaluated.
 SCHEMA = pa.schema([
@@ -81,7 +88,11 @@ def read_jsonl(path):
     """The records in a metrics.jsonl; a torn last line (a crash mid-write) is dropped, any other
     line that is not a step record raises MetricsError naming the file and line."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
+        return _parse_lines(path, f.read())
+
+
+def _parse_lines(path, text):
+    lines = text.splitlines()
     records = []
     for lineno, line in enumerate(lines, 1):
         try:
@@ -93,6 +104,37 @@ def read_jsonl(path):
         _check_record(path, lineno, record)
         records.append(record)
     return records
+
+
+def read_parts(run_dir):
+    """The records of a run directory on an object store, from its parts in order. A step record
+    at or before an earlier step (a resumed run going on from its checkpoint) drops the records
+    from that step on, as resuming a local run does."""
+    parts_dir = storage.join(run_dir, PARTS)
+    records, last_step = [], None
+    for rel in sorted(rel for rel, _ in storage.listing(parts_dir) if PART.fullmatch(rel)):
+        path = storage.join(parts_dir, rel)
+        for record in _parse_lines(path, storage.read_bytes(path).decode("utf-8", errors="replace")):
+            if EVENT not in record:
+                if last_step is not None and record["step"] <= last_step:
+                    records = [r for r in records if r["step"] < record["step"]]
+                last_step = record["step"]
+            records.append(record)
+    return records
+
+
+def _records(run_dir):
+    """Every record of a run directory (steps and events), [] when it has none."""
+    if storage.is_remote(run_dir):
+        return read_parts(run_dir)
+    jsonl = os.path.join(run_dir, JSONL)
+    return read_jsonl(jsonl) if os.path.exists(jsonl) else []
+
+
+def _parquet_bytes(table):
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 class BufferedHook(Hook):
@@ -141,18 +183,29 @@ class MetricsWriter(BufferedHook):
     and its last evaluation on disk. metrics.parquet is written once, at
     the end, from the JSON lines. Resuming in the same run directory keeps the records up to the
     resumed step and drops any later ones.
+
+    On an object store each write is a new part (see read_parts), at least remote_flush_s apart
+    while steps arrive; a resumed run removes metrics.parquet until its end writes it again.
     """
+
+    remote_flush_s = 10.0  # on an object store: at most this long between parts while steps arrive
 
     def __init__(self, run_dir, checkpoint_every=0):
         super().__init__()
         self.run_dir = run_dir
         self.checkpoint_every = checkpoint_every
-        self.jsonl_path = os.path.join(run_dir, JSONL)
-        self.parquet_path = os.path.join(run_dir, PARQUET)
+        self.remote = storage.is_remote(run_dir)
+        if self.remote:
+            self.flush_s = self.remote_flush_s
+        self.jsonl_path = os.path.join(run_dir, JSONL)  # local only
+        self.parquet_path = str(storage.join(run_dir, PARQUET))
         self._file = None
+        self._part = 0  # on an object store: the number of the next part
         self._t0 = None
 
     def on_start(self, state, info):
+        if self.remote:
+            return self._start_parts(state)
         os.makedirs(self.run_dir, exist_ok=True)
         old = read_jsonl(self.jsonl_path) if os.path.exists(self.jsonl_path) else []
         kept = [r if EVENT in r else {k: r[k] for k in SCHEMA.names if k in r} for r in old if r["step"] <= state.step]
@@ -161,6 +214,13 @@ class MetricsWriter(BufferedHook):
         self._t0 = time.perf_counter() - offset
         fsutil.atomic_write(self.jsonl_path, lambda tmp: self._write_lines(tmp, kept))
         self._file = open(self.jsonl_path, "ab")
+
+    def _start_parts(self, state):
+        steps = [r for r in read_parts(self.run_dir) if EVENT not in r and r["step"] <= state.step]
+        self._t0 = time.perf_counter() - ((steps[-1].get("wall_s") or 0.0) if steps else 0.0)
+        parts = [rel for rel, _ in storage.listing(storage.join(self.run_dir, PARTS)) if PART.fullmatch(rel)]
+        self._part = 1 + max((int(rel[5:11]) for rel in parts), default=-1)
+        storage.remove_file(self.parquet_path)
 
     def row(self, record):
         return {**record, "wall_s": time.perf_counter() - self._t0}
@@ -175,11 +235,19 @@ class MetricsWriter(BufferedHook):
         return evaluated or (self.checkpoint_every > 0 and record["step"] % self.checkpoint_every == 0)
 
     def write(self, rows):
-        self._file.write(b"".join(orjson.dumps(r, option=JSON_OPTIONS) for r in rows))
+        lines = b"".join(orjson.dumps(r, option=JSON_OPTIONS) for r in rows)
+        if self.remote:
+            storage.write_bytes(storage.join(self.run_dir, PARTS, f"part-{self._part:06d}.jsonl"), lines)
+            self._part += 1
+            return
+        self._file.write(lines)
         self._file.flush()
 
     def on_end(self, state, record):
         super().on_end(state, record)
+        if self.remote:
+            steps = to_table([r for r in read_parts(self.run_dir) if EVENT not in r])
+            return storage.write_bytes(self.parquet_path, _parquet_bytes(steps))
         options = pa_json.ParseOptions(explicit_schema=SCHEMA.append(pa.field(EVENT, pa.string())),
                                        unexpected_field_behavior="ignore")
         table = pa_json.read_json(self.jsonl_path, read_options=pa_json.ReadOptions(use_threads=False),
@@ -200,6 +268,8 @@ class MetricsWriter(BufferedHook):
 
 def load(run_dir):
     """The step records of a run directory as a pyarrow Table (Parquet, else the JSON lines)."""
+    if storage.is_remote(run_dir):
+        return _load_remote(run_dir)
     parquet, jsonl = os.path.join(run_dir, PARQUET), os.path.join(run_dir, JSONL)
     if os.path.exists(jsonl) and (not os.path.exists(parquet)
                                   or os.path.getmtime(jsonl) > os.path.getmtime(parquet)):
@@ -214,10 +284,27 @@ def load(run_dir):
     raise MetricsError(f"{run_dir}: no {PARQUET} or {JSONL} in this run directory")
 
 
+def _load_remote(run_dir):
+    """load() on an object store: metrics.parquet when the run ended (a resumed run removes it
+    until it ends), else the parts."""
+    parquet = storage.join(run_dir, PARQUET)
+    try:
+        return pq.read_table(io.BytesIO(storage.read_bytes(parquet)), schema=SCHEMA, use_threads=False)
+    except FileNotFoundError:
+        pass
+    except (pa.ArrowException, OSError) as e:
+        raise MetricsError(f"{parquet}: not a readable metrics file: {str(e).splitlines()[0]}") from None
+    records = read_parts(run_dir)
+    if records:
+        return to_table([r for r in records if EVENT not in r])
+    if not storage.is_dir(run_dir):
+        raise MetricsError(f"{run_dir}: no such run directory")
+    raise MetricsError(f"{run_dir}: no {PARQUET} or {PARTS}/ parts in this run directory")
+
+
 def events(run_dir, kind="membership"):
     """The records of metrics.jsonl that are not steps but events of one kind (worker count changes)."""
-    jsonl = os.path.join(run_dir, JSONL)
-    return [r for r in read_jsonl(jsonl) if r.get(EVENT) == kind] if os.path.exists(jsonl) else []
+    return [r for r in _records(run_dir) if r.get(EVENT) == kind]
 
 
 def smooth(values, fraction=0.02):
@@ -268,7 +355,7 @@ def figure(run_dir):
             ax.axvline(change["step"], color="0.4", ls="--", lw=0.8)
         ax_acc.annotate(f"{change['workers_before']}->{change['workers_after']} workers", (change["step"], 0.02),
                         xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="0.3")
-    fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
+    fig.suptitle(storage.name(run_dir) if storage.is_remote(run_dir) else os.path.basename(os.path.normpath(run_dir)))
     return fig
 
 

@@ -9,9 +9,11 @@ import contextlib
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 
-from distmlp import config
+from distmlp import config, storage
 from distmlp.errors import UserError
 from distmlp.metrics import BufferedHook
 
@@ -54,7 +56,8 @@ class TensorBoardHook(ScalarHook):
     """Scalars by step in an event file in RUN_DIR (`tensorboard --logdir runs/`), and the job as
     text. Losses are logged at every step; lr, perf/step_ms and perf/examples_per_s once per
     write (every flush_s seconds), over the steps written, at the last of them. A resumed run
-    hides the events after its resumed step (TensorBoard's purge)."""
+    hides the events after its resumed step (TensorBoard's purge). For a run directory on an
+    object store the file is written in a local temporary directory and uploaded at the end."""
 
     flush_s = 2.0
 
@@ -62,6 +65,7 @@ class TensorBoardHook(ScalarHook):
         super().__init__()
         self.run_dir, self.job = run_dir, job
         self._writer = None
+        self._events_dir = None  # where the event file is written: run_dir, or a local spool
 
     def on_start(self, state, info):
         from tensorboardX import summary
@@ -70,8 +74,10 @@ class TensorBoardHook(ScalarHook):
 
         super().on_start(state, info)
         self._Event = Event
+        remote = storage.is_remote(self.run_dir)
+        self._events_dir = tempfile.mkdtemp(prefix="distmlp-events-") if remote else self.run_dir
         # the suffix keeps a resumed run's file apart from one started in the same second
-        self._writer = EventsWriter(os.path.join(self.run_dir, "events"), f".{time.time_ns()}")
+        self._writer = EventsWriter(os.path.join(self._events_dir, "events"), f".{time.time_ns()}")
         if state.step > 0:
             self._writer.write_event(Event(step=state.step + 1, session_log=SessionLog(status=SessionLog.START)))
         toml = "    " + config.to_toml(self.job).strip().replace("\n", "\n    ")  # a markdown code block
@@ -101,12 +107,21 @@ class TensorBoardHook(ScalarHook):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if storage.is_remote(self.run_dir):
+                self._upload()
+
+    def _upload(self):
+        for name in os.listdir(self._events_dir):
+            with open(os.path.join(self._events_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(self.run_dir, name), f.read())
+        shutil.rmtree(self._events_dir, ignore_errors=True)
 
 
 class MlflowHook(ScalarHook):
     """An MLflow run (experiment run.name) at tracking URI uri: the job's parameters (section.key),
     the scalars by step in batches (one log_batch call per flush), and at the end the last
-    checkpoint directory (last_checkpoint() gives its path) as the artifact `checkpoint`.
+    checkpoint directory (last_checkpoint() gives its path, a local one or a URI) as the artifact
+    `checkpoint`.
 
     A failure to log during the run is a warning, and MLflow logging stops; the training goes on.
     """
@@ -140,8 +155,9 @@ class MlflowHook(ScalarHook):
             name = self.job.run.name
             experiment = self._client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(name)
-            tags = {"distmlp.run_dir": os.path.abspath(self.run_dir), "distmlp.first_step": str(state.step)}
-            run = self._client.create_run(experiment_id, run_name=os.path.basename(os.path.normpath(self.run_dir)),
+            where = self.run_dir if storage.is_remote(self.run_dir) else os.path.abspath(self.run_dir)
+            tags = {"distmlp.run_dir": where, "distmlp.first_step": str(state.step)}
+            run = self._client.create_run(experiment_id, run_name=storage.name(self.run_dir),
                                           tags=tags)
             params = [self._Param(k, v) for k, v in job_params(self.job).items()]
             self._client.log_batch(run.info.run_id, params=params)
@@ -160,9 +176,20 @@ class MlflowHook(ScalarHook):
             return
         path = self.last_checkpoint()
         if path is not None:
-            self._guard(lambda: self._client.log_artifacts(self.run_id, str(path), artifact_path="checkpoint"))
+            self._guard(lambda: self._log_checkpoint(path))
         self._guard(lambda: self._client.set_terminated(self.run_id, "FINISHED"))
         self.run_id = None
+
+    def _log_checkpoint(self, path):
+        """The checkpoint directory as the artifact `checkpoint` (from an object store: through a
+        local temporary copy, as MLflow uploads local files)."""
+        if not storage.is_remote(path):
+            return self._client.log_artifacts(self.run_id, str(path), artifact_path="checkpoint")
+        with tempfile.TemporaryDirectory(prefix="distmlp-checkpoint-") as tmp:
+            for name, _ in storage.listing(path):
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(storage.read_bytes(storage.join(path, name)))
+            self._client.log_artifacts(self.run_id, tmp, artifact_path="checkpoint")
 
     def _guard(self, call):
         """call(); on failure warn once and stop logging to MLflow."""

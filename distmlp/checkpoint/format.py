@@ -5,6 +5,9 @@
     state.json         step, epoch, samples_seen, nonfinite_streak, sampler state, latest metrics
     job.json           the resolved job config
     manifest.json      format name and version, and the SHA-256 of every file above
+
+The directory may be a URI of an object store (distmlp.storage): there the files are written
+one object each and the manifest last, so a checkpoint without its manifest is an unfinished one.
 """
 
 import dataclasses
@@ -21,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distmlp import config, fsutil
+from distmlp import config, fsutil, storage
 from distmlp.errors import UserError
 
 FORMAT = "distmlp-checkpoint"
@@ -62,11 +65,10 @@ def save(path, state, job, sampler_state=None, epoch=0.0):
 
     Files go to a temporary sibling directory, are fsynced, and the directory is renamed
     into place (an existing checkpoint at path is replaced); a crash leaves the old or the new
-    (the old one possibly aside, see _rename_into_place).
+    (the old one possibly aside, see _rename_into_place). On an object store see _put_objects.
     """
-    path = Path(path)
+    path = storage.location(path)
     _check_finite(state)
-    _check_replaceable(path)
     files = {
         "params.parquet": _arrays_parquet(state.params),
         "optimizer.parquet": _arrays_parquet(state.opt_state),
@@ -79,6 +81,9 @@ def save(path, state, job, sampler_state=None, epoch=0.0):
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
     files["manifest.json"] = _json_bytes(manifest)
+    if storage.is_remote(path):
+        return _put_objects(path, files)
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{LEFTOVER_PREFIX}{path.name}-", dir=path.parent))
     try:
@@ -88,6 +93,19 @@ def save(path, state, job, sampler_state=None, epoch=0.0):
         _rename_into_place(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: cannot write checkpoint: {e}") from None
+    return str(path)
+
+
+def _put_objects(path, files):
+    """Write files (manifest.json last) as objects under path. A checkpoint replaced there loses
+    its manifest first: a crash leaves a directory without one, which readers skip and
+    run_dir.clean_leftovers removes."""
+    try:
+        storage.remove_file(storage.join(path, "manifest.json"))
+        for name, data in files.items():
+            storage.write_bytes(storage.join(path, name), data)
+    except (OSError, storage.StorageError) as e:
         raise CheckpointError(f"{path}: cannot write checkpoint: {e}") from None
     return str(path)
 
@@ -150,35 +168,36 @@ def _rename_into_place(tmp, path):
 
 
 def write_atomic(path, data):
-    """Write bytes to path via a synced temporary file and a rename."""
-    path = Path(path)
-    fsutil.atomic_write(path, lambda tmp: fsutil.write_synced(tmp, data), prefix=f"{LEFTOVER_PREFIX}{path.name}-")
+    """Write bytes to path via a synced temporary file and a rename (one PUT on an object store)."""
+    storage.write_bytes(path, data, prefix=f"{LEFTOVER_PREFIX}{storage.name(path)}-")
 
 
 def load(path):
     """Read and verify a checkpoint: manifest, checksums, then schema and shapes, then arrays."""
-    path = Path(path)
-    if not path.is_dir():
+    path = storage.location(path)
+    if not storage.is_dir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     raw = _verified_files(path)
-    state = _parse_json(path / "state.json", raw["state.json"])
-    _check_state(path / "state.json", state)
-    job = _parse_job(path / "job.json", raw["job.json"])
+    state = _parse_json(storage.join(path, "state.json"), raw["state.json"])
+    _check_state(storage.join(path, "state.json"), state)
+    job = _parse_job(storage.join(path, "job.json"), raw["job.json"])
     shapes = expected_shapes(job.model.sizes)
-    params = _read_arrays(path / "params.parquet", raw["params.parquet"], shapes)
-    _check_like(path / "params.parquet", params, shapes, job.model.dtype, f"model.sizes {list(job.model.sizes)}")
-    opt_state = _read_arrays(path / "optimizer.parquet", raw["optimizer.parquet"], shapes)
-    _check_opt_state(path / "optimizer.parquet", opt_state, params, job)
+    params_path, opt_path = storage.join(path, "params.parquet"), storage.join(path, "optimizer.parquet")
+    params = _read_arrays(params_path, raw["params.parquet"], shapes)
+    _check_like(params_path, params, shapes, job.model.dtype, f"model.sizes {list(job.model.sizes)}")
+    opt_state = _read_arrays(opt_path, raw["optimizer.parquet"], shapes)
+    _check_opt_state(opt_path, opt_state, params, job)
     return Checkpoint(str(path), job, params, opt_state, state["step"], state["epoch"],
                       state["samples_seen"], state["nonfinite_streak"], state["sampler"], state["metrics"])
 
 
 def _verified_files(path):
     """{name: bytes} of every checkpoint file, each matching its manifest SHA-256."""
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint (no manifest.json)")
-    manifest = _parse_json(manifest_path, manifest_path.read_bytes())
+    manifest_path = storage.join(path, "manifest.json")
+    try:
+        manifest = _parse_json(manifest_path, storage.read_bytes(manifest_path))
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"{path}: not a checkpoint (no manifest.json)") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -191,12 +210,12 @@ def _verified_files(path):
     raw = {}
     for name in FILES:
         try:
-            data = (path / name).read_bytes()
+            data = storage.read_bytes(storage.join(path, name))
         except FileNotFoundError:
-            raise CheckpointError(f"{path / name}: missing (listed in manifest.json)") from None
+            raise CheckpointError(f"{storage.join(path, name)}: missing (listed in manifest.json)") from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != sums[name]:
-            raise CheckpointError(f"{path / name}: checksum mismatch: manifest says sha256 "
+            raise CheckpointError(f"{storage.join(path, name)}: checksum mismatch: manifest says sha256 "
                                   f"{str(sums[name])[:12]}..., file has {actual[:12]}...")
         raw[name] = data
     return raw

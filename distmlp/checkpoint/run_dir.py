@@ -1,6 +1,10 @@
 """Checkpoints in a run directory: RUN_DIR/checkpoints/step-000123/, with the text files
 `latest` and `best` (held-out accuracy) naming one of them; retention, fallback to the newest
 valid one, and the training-loop hook that saves them. Only the driver writes them.
+
+The run directory may be an object-store URI (distmlp.storage): there a step-N directory
+counts only once its manifest.json is written (format._put_objects), and the pointers are
+single objects.
 """
 
 import json
@@ -11,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from distmlp import config, mlp, trainer
+from distmlp import config, mlp, storage, trainer
 from distmlp.checkpoint.format import (
     ASIDE_PREFIX, LEFTOVER_PREFIX, CheckpointError, load, save, write_atomic)
 
@@ -21,7 +25,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 
 
 def checkpoints_dir(run_dir):
-    return Path(run_dir) / "checkpoints"
+    return storage.join(run_dir, "checkpoints")
 
 
 def step_name(step):
@@ -30,7 +34,11 @@ def step_name(step):
 
 def list_checkpoints(ckpt_dir):
     """[(step, path)] of the step-N directories in ckpt_dir, oldest first, and of those moved
-    aside by a replacement that crashed (step-N missing); other leftovers ignored."""
+    aside by a replacement that crashed (step-N missing); other leftovers ignored. On an object
+    store: the step-N directories that have a manifest.json."""
+    if storage.is_remote(ckpt_dir):
+        return sorted((int(STEP_DIR.fullmatch(step).group(1)), storage.join(ckpt_dir, step))
+                      for step, finished in _step_dirs(ckpt_dir).items() if finished)
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
@@ -43,14 +51,24 @@ def list_checkpoints(ckpt_dir):
     return sorted(found)
 
 
+def _step_dirs(ckpt_dir):
+    """{"step-N": whether it has its manifest.json} in an object-store checkpoints directory."""
+    steps = {}
+    for rel, _ in storage.listing(ckpt_dir, recursive=True):
+        step, _, rest = rel.partition("/")
+        if STEP_DIR.fullmatch(step):
+            steps[step] = steps.get(step, False) or rest == "manifest.json"
+    return steps
+
+
 def save_in_run(run_dir, state, job, sampler_state=None, epoch=0.0, keep_last=3):
     """Save RUN_DIR/checkpoints/step-N, update `latest` and `best`, prune to keep_last + best."""
     ckpt_dir = checkpoints_dir(run_dir)
-    path = save(ckpt_dir / step_name(state.step), state, job, sampler_state, epoch)
-    write_atomic(ckpt_dir / "latest", f"{Path(path).name}\n".encode())
+    path = save(storage.join(ckpt_dir, step_name(state.step)), state, job, sampler_state, epoch)
+    write_atomic(storage.join(ckpt_dir, "latest"), f"{storage.name(path)}\n".encode())
     best = _best(ckpt_dir)
     if best is not None:
-        write_atomic(ckpt_dir / "best", f"{best.name}\n".encode())
+        write_atomic(storage.join(ckpt_dir, "best"), f"{storage.name(best)}\n".encode())
     _prune(ckpt_dir, keep_last, best)
     clean_leftovers(ckpt_dir)
     return path
@@ -59,7 +77,7 @@ def save_in_run(run_dir, state, job, sampler_state=None, epoch=0.0, keep_last=3)
 def _accuracy(path):
     """The held-out accuracy recorded in a checkpoint (unverified: used only for ranking)."""
     try:
-        value = json.loads((Path(path) / "state.json").read_text())["metrics"].get("test_accuracy")
+        value = json.loads(storage.read_bytes(storage.join(path, "state.json")))["metrics"].get("test_accuracy")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
@@ -77,11 +95,27 @@ def _prune(ckpt_dir, keep_last, best):
     keep = {path for _, path in checkpoints[-keep_last:]} | {best}
     for _, path in checkpoints:
         if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+
+
+def _remove(path):
+    """Delete a checkpoint directory; on an object store its manifest first, so that no reader
+    sees a manifest whose files are gone."""
+    if storage.is_remote(path):
+        storage.remove_file(storage.join(path, "manifest.json"))
+        storage.remove_tree(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_leftovers(ckpt_dir):
-    """Remove what a crashed save left behind; a checkpoint it had moved aside is restored."""
+    """Remove what a crashed save left behind; a checkpoint it had moved aside is restored.
+    On an object store: the step-N directories without a manifest.json."""
+    if storage.is_remote(ckpt_dir):
+        for step, finished in _step_dirs(ckpt_dir).items():
+            if not finished:
+                storage.remove_tree(storage.join(ckpt_dir, step))
+        return
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return
@@ -100,10 +134,10 @@ def pointer(run_dir, which="latest"):
     """The checkpoint path named by RUN_DIR/checkpoints/latest (or best), or None."""
     ckpt_dir = checkpoints_dir(run_dir)
     try:
-        name = (ckpt_dir / which).read_text().strip()
+        name = storage.read_bytes(storage.join(ckpt_dir, which)).decode(errors="replace").strip()
     except FileNotFoundError:
         return None
-    return str(ckpt_dir / name) if STEP_DIR.fullmatch(name) else None
+    return str(storage.join(ckpt_dir, name)) if STEP_DIR.fullmatch(name) else None
 
 
 def latest_valid(run_dir):
@@ -126,10 +160,10 @@ def latest_valid(run_dir):
 
 def resolve(path):
     """(path, Checkpoint) for a checkpoint directory, or a run directory (its newest valid)."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():
+    path = storage.location(path)
+    if storage.is_file(storage.join(path, "manifest.json")):
         return str(path), load(path)
-    if checkpoints_dir(path).is_dir():
+    if storage.is_dir(checkpoints_dir(path)):
         return latest_valid(path)
     raise CheckpointError(f"{path}: neither a checkpoint directory (no manifest.json) "
                           "nor a run directory (no checkpoints/)")
@@ -139,7 +173,7 @@ class CheckpointHook(trainer.Hook):
     """Saves into RUN_DIR/checkpoints every `every` steps (0: only at the end) and at the end."""
 
     def __init__(self, run_dir, job, every=None, keep_last=None):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.location(run_dir)
         self.job = job
         self.every = job.run.checkpoint_every if every is None else every
         self.keep_last = job.run.keep_last if keep_last is None else keep_last

@@ -5,11 +5,10 @@ Import reads it with the restricted loader (safe_pickle) unless the user trusts 
 """
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 
-from distmlp import config, mlp, optim, trainer
+from distmlp import config, mlp, optim, storage, trainer
 from distmlp.checkpoint import safe_pickle
 from distmlp.checkpoint.format import CheckpointError, expected_shapes, write_atomic
 from distmlp.checkpoint.run_dir import save_in_run
@@ -77,7 +76,7 @@ def import_seed_pickle(path, run_dir, trust=False, job=None):
     if tuple(job.model.sizes) != SEED_SIZES:
         raise CheckpointError(f"model.sizes {list(job.model.sizes)}: a seed pickle is a "
                               f"{'-'.join(map(str, SEED_SIZES))} model")
-    if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+    if storage.listing(run_dir):
         raise CheckpointError(f"{run_dir}: exists and is not empty; import into a new directory")
     params = from_seed_dict(safe_pickle.load(path, trust=trust), str(path), job.model.dtype)
     state = trainer.TrainState(params, optim.init_state(params, job.optimizer.momentum))

@@ -13,7 +13,7 @@ ckpt_app = typer.Typer(help="Inspect, export and import checkpoints.", no_args_i
 app.add_typer(ckpt_app, name="checkpoint")
 
 CkptPath = Annotated[str, typer.Argument(
-    metavar="CKPT", help="A checkpoint directory, or a run directory (its newest valid checkpoint).")]
+    metavar="CKPT", help="A checkpoint directory, or a run directory (its newest valid checkpoint); a path or a URI.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 EXPORT_FORMATS = ("seed-pickle",)
 

@@ -47,7 +47,8 @@ def train(
     seed: Annotated[Optional[int], Opt("--seed", help="Seed for weights and sampling.")] = None,
     address: Annotated[Optional[str], Opt("--address", help="Ray cluster to join ('auto' or host:port); "
                                           "default: start an embedded local Ray.")] = None,
-    run_dir: Annotated[Optional[str], Opt("--run-dir", help="Run directory (default runs/<time>-<name>).")] = None,
+    run_dir: Annotated[Optional[str], Opt("--run-dir", help="Run directory: a path or a URI "
+                                          "(s3://bucket/prefix, gs://..., file://...) (default runs/<time>-<name>).")] = None,
     set_: Annotated[Optional[list[str]], Opt("--set", help="Override a job key: section.key=value (repeatable).")] = None,
     resume: Annotated[Optional[str], Opt("--resume", help="Continue RUN_DIR from its newest valid checkpoint "
                                          "(with --workers, --steps/--epochs, --set cluster.*/run.* to change).")] = None,
