@@ -25,7 +25,7 @@ SAMPLINGS = ("shuffle", "sample", "sequential")
 DTYPES = ("float32", "float64")
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 NONFINITE_POLICIES = ("stop", "skip")
-TRANSPORTS = ("auto", "actors", "mesh")
+TRANSPORTS = ("auto", "actors", "mesh", "collective")
 CHECKPOINT_FORMATS = ("parquet",)
 
 # The seed notebook's learning rates.
@@ -92,7 +92,9 @@ class ClusterConfig:
     step_timeout_s: float = 60.0  # a step slower than this counts as a worker failure
     # step transport: "actors" (weights out, gradients back every step), "mesh" (workers on the
     # driver's node sum each other's gradients through shared memory, many steps per call),
-    # "auto" (mesh when every worker is on the driver's node, else actors)
+    # "collective" (workers on several nodes exchange them with Ray's collective allgather,
+    # many steps per call; needs torch, the extra 'collective'), "auto" (mesh when every worker
+    # is on the driver's node, collective when they span nodes and torch is installed, else actors)
     transport: str = "auto"
 
 
