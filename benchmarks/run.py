@@ -356,10 +356,14 @@ def main(argv=None):
         finally:
             ray.shutdown()
         end_to_end(Path(tmp), p, rows, seed_epoch_s)
-    load_end = os.getloadavg()[0]
-    print(f"\ndistmlp benchmarks | {time.strftime('%Y-%m-%d')} | {platform.node()} | {platform.processor() or platform.machine()}"
-          f" | {os.cpu_count()} cores | Python {sys.version.split()[0]} | {'quick' if args.quick else 'full'}"
-          f" | load average {load_start:.2f} at start, {load_end:.2f} at end")
+    report("distmlp benchmarks", "quick" if args.quick else "full", load_start, rows)
+
+
+def report(title, mode, load_start, rows):
+    """The header line (date, machine, load average at start and now) and the table of rows."""
+    print(f"\n{title} | {time.strftime('%Y-%m-%d %H:%M')} | {platform.node()} | {platform.processor() or platform.machine()}"
+          f" | {os.cpu_count()} cores | Python {sys.version.split()[0]} | {mode}"
+          f" | load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print_table(rows, ("comparison", "candidate", "median", "notes"))
 
 

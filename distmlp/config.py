@@ -26,7 +26,7 @@ SAMPLINGS = ("shuffle", "sample", "sequential")
 DTYPES = ("float32", "float64")
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 NONFINITE_POLICIES = ("stop", "skip")
-TRANSPORTS = ("auto", "actors", "mesh")
+TRANSPORTS = ("auto", "actors", "mesh", "collective")
 CHECKPOINT_FORMATS = ("parquet",)
 
 # The seed notebook's learning rates.
@@ -97,7 +97,9 @@ class ClusterConfig:
     replace_timeout_s: float = 30.0  # a lost worker not replaced by then is dropped (or the run stops)
     # step transport: "actors" (weights out, gradients back every step), "mesh" (workers on the
     # driver's node sum each other's gradients through shared memory, many steps per call),
-    # "auto" (mesh when every worker is on the driver's node, else actors)
+    # "collective" (workers on several nodes exchange them with Ray's collective allgather,
+    # many steps per call; needs torch, the extra 'collective'), "auto" (mesh when every worker
+    # is on the driver's node, collective when they span nodes and torch is installed, else actors)
     transport: str = "auto"
 
 

@@ -1,4 +1,4 @@
-"""How a round of steps crosses the workers: actor calls, or the one-node mesh.
+"""How a round of steps crosses the workers: actor calls, the one-node mesh, or Ray's collectives.
 
 Both are backends of the training loop (`run_steps(state, stop, plan)` -> trainer.Round,
 `evaluate(params)`, `close()`) built on a WorkerGroup, which they use only through its public
@@ -9,19 +9,24 @@ methods. Both follow distmlp.step, so they give the same bits:
 - MeshTransport (every worker on the driver's node): the workers exchange gradient sums
   through shared memory and apply the step themselves (distmlp.mesh); the driver starts a
   round with one call per worker and gets the weights back at its end.
+- CollectiveTransport (workers on several nodes, torch installed): the same rounds, but the
+  workers exchange gradient sums with one Ray collective allgather per step (distmlp.collective).
 
 `start` places the workers and picks the transport (cluster.transport, "auto": the mesh when
-every worker is on the driver's node, actor calls otherwise).
+every worker is on the driver's node, the collective when they span nodes and torch is
+installed, actor calls otherwise).
 """
 
+import importlib.util
 import logging
 import shutil
 import time
+import uuid
 
 import numpy as np
 import ray
 
-from distmlp import mesh, mlp, step, trainer, worker
+from distmlp import collective, mesh, mlp, step, trainer, worker
 from distmlp.connect import ClusterError
 from distmlp.group import WorkerGroup
 
@@ -44,6 +49,14 @@ def start(source, job, worker_cls=worker.RemoteShardWorker, **placement):
                 return MeshTransport(group)
             log.warning("%s has too little free space for the workers' shared-memory slots; "
                         "steps go over actor calls", mesh.shm_dir())
+        if choice == "collective" or (choice == "auto" and len(set(group.bundle_nodes)) > 1):
+            if importlib.util.find_spec("torch") is not None:
+                return CollectiveTransport(group)
+            if choice == "collective":
+                raise ClusterError("cluster.transport = collective needs torch: pip install 'distmlp[collective]'")
+            log.warning("the workers span %d nodes: steps go over actor calls; Ray's collectives "
+                        "would be faster (pip install 'distmlp[collective]', which adds torch)",
+                        len(set(group.bundle_nodes)))
         return ActorTransport(group)
     except BaseException:
         group.close()
@@ -161,3 +174,72 @@ class MeshTransport:
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)
         self.group.close()
+
+
+class CollectiveTransport:
+    """Rounds of steps over a Ray collective group of the workers (distmlp.collective), one
+    group per generation: a new one after any failure or change of workers."""
+
+    def __init__(self, group):
+        self.group = group
+        self.workers, self.n_train, self.n_test = group.workers, group.n_train, group.n_test
+        self.actors = ActorTransport(group)  # rounds when the group keeps breaking with no worker lost
+        self.run_id = uuid.uuid4().hex[:12]  # group names are unique to this run
+        self.gen, self.broken = 0, 0
+
+    def run_steps(self, state, stop, plan):
+        if self.broken >= collective.MAX_BROKEN:
+            return self.actors.run_steps(state, stop, plan)
+        g, first = self.group, state.step
+        start_ref = ray.put((state.params, state.opt_state))
+        while True:
+            request = {"group": f"distmlp-{self.run_id}-{self.gen}", "workers": g.workers, "first": first,
+                       "stop": stop, "sampler": plan.sampler, "lr": plan.lr, "momentum": plan.momentum,
+                       "timeout": g.timeout, "round_s": trainer.ROUND_S}
+            t0 = time.perf_counter()
+            calls = {rank: ("collective_run", (start_ref, request)) for rank in range(g.workers)}
+            # forming a group may take the step timeout, and a healthy round can run two steps of
+            # up to the step timeout past ROUND_S (rank 0 decides to go on before its peers finish)
+            replies, failed = g.call_once(calls, trainer.ROUND_S + 3 * g.timeout + 5)
+            if not failed:
+                break
+            steps = [r["step"] for r in replies.values() if r["status"] == collective.BROKEN]
+            g.replace(failed, f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}")
+            self.gen += 1
+        wall = time.perf_counter() - t0
+        broken = [r["detail"] for r in replies.values() if r["status"] == collective.BROKEN]
+        if broken:  # no worker lost: the group itself failed; this round goes over actor calls
+            self.broken += 1
+            self.gen += 1
+            log.warning("collective group failed (%s); steps from %d go over actor calls", broken[0], first + 1)
+            return self.actors.run_steps(state, stop, plan)
+        return round_of(g, replies, wall, first)
+
+    def evaluate(self, params):
+        return evaluate(self.group, params)
+
+    def close(self):
+        self.group.close()
+
+
+def round_of(g, replies, wall, first):
+    """The trainer.Round of a round the workers ran themselves: {rank: reply of
+    mesh.MeshWorker.run or collective.CollectiveWorker.run}, wall seconds it took."""
+    done = {len(r["steps"]) for r in replies.values()}
+    prints = {r["fingerprint"] for r in replies.values()}
+    if len(done) != 1 or len(prints) != 1:
+        raise RuntimeError(f"workers disagree after step {first}: steps {done}, weights {len(prints)} kinds")
+    n = done.pop()
+    lead = replies[0]
+    # a step takes as long as its slowest worker; the round's own overhead is spread over its steps
+    slowest = [max(r["steps"][i][3] for r in replies.values()) for i in range(n)]
+    overhead = max(wall - sum(slowest), 0.0) / max(n, 1)
+    records = [trainer.StepRecord(loss_sum, count, max(r["steps"][i][2] for r in replies.values()),
+                                  slowest[i] + overhead)
+               for i, (loss_sum, count, _, _) in enumerate(lead["steps"])]
+    nonfinite = None
+    if lead["nonfinite"] is not None:
+        loss_sum, count, what, rank = lead["nonfinite"]
+        who = None if rank is None else f"{rank} (pid {g.worker_info[rank]['pid']})"
+        nonfinite = trainer.NonFinite(loss_sum, count, what, who)
+    return trainer.Round(records, lead["params"], lead["opt_state"], nonfinite)

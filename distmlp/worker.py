@@ -35,6 +35,7 @@ class ShardWorker:
             self.train_x, self.train_y = train_x[slice(*train_range)], train_y[slice(*train_range)]
             self.test_x, self.test_y = test_x[slice(*test_range)], test_y[slice(*test_range)]
         self.mesh = None
+        self.collective = None
 
     def info(self):
         ctx = ray.get_runtime_context()
@@ -61,6 +62,13 @@ class ShardWorker:
             from distmlp import mesh
             self.mesh = mesh.MeshWorker(self)
         return self.mesh.run(start, request)
+
+    def collective_run(self, start, request):
+        """collective.CollectiveWorker.run: steps request["first"].. from start = (params, opt_state)."""
+        if self.collective is None:
+            from distmlp import collective
+            self.collective = collective.CollectiveWorker(self)
+        return self.collective.run(start, request)
 
 
 RemoteShardWorker = ray.remote(ShardWorker)

@@ -21,10 +21,10 @@ from distmlp import config, data, driver, elastic, trainer, transport
 from hooks import AtStep
 
 
-def start_cluster(worker_nodes=2):
+def start_cluster(worker_nodes=2, cpus=1):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "node_ip_address": "127.0.0.1"})
-    nodes = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(worker_nodes)]
+    nodes = [cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1") for _ in range(worker_nodes)]
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="ERROR")
     cluster.wait_for_nodes()
     return cluster, nodes

@@ -1,10 +1,13 @@
 """benchmarks/run.py --quick runs every comparison end to end and prints the table (no timing checks)."""
 
+import glob
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -27,3 +30,25 @@ def test_quick_benchmark_runs_and_prints_the_table():
         assert "speed-up mesh vs Ray Train" in out and "speed-up mesh vs DDP" in out
     else:
         assert "torch not installed (optional extra 'bench')" in out
+
+
+@pytest.mark.slow
+def test_quick_multinode_benchmark_runs_on_its_own_cluster_and_stops_it():
+    """benchmarks.multinode --quick: a real 3-node Ray on 127.0.0.1, the rows printed, and none of
+    the cluster's processes or its directory left behind."""
+    before = set(glob.glob("/tmp/dmb-*"))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.multinode", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for workers in (2, 4):
+        assert re.search(rf"Ray, actor calls, {workers} workers *\| [\d,]+ us/step *\| ActorTransport", out)
+    if importlib.util.find_spec("torch") is not None:
+        for workers in (2, 4):
+            assert re.search(rf"Ray, collective allgather, {workers} workers *\| [\d,]+ us/step *\| CollectiveTransport", out)
+            assert re.search(rf"speed-up collective vs actor calls, {workers} workers *\| [\d.]+x", out)
+        assert re.search(r"Ray Train TorchTrainer, 2 workers *\| [\d,]+ us/step", out)
+        assert re.search(r"speed-up collective vs Ray Train, 2 workers *\| [\d.]+x", out)
+    else:
+        assert "torch not installed (optional extra 'bench')" in out
+    assert set(glob.glob("/tmp/dmb-*")) == before, "the cluster's directory was left behind"

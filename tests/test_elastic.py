@@ -24,9 +24,10 @@ class Squatter:
         return True
 
 
-def job_for(**cluster):
-    job = config.load_job(None, ["optimizer.lr=0.1", "run.seed=9", "run.steps=40", "cluster.workers=2",
-                                 "cluster.cpus_per_worker=1", "cluster.min_workers=1", "cluster.replace_timeout_s=3"])
+def job_for(optimizer="minibatch", **cluster):
+    job = config.load_job(None, [f'optimizer.name="{optimizer}"', "optimizer.lr=0.1", "run.seed=9", "run.steps=40",
+                                 "cluster.workers=2", "cluster.cpus_per_worker=1", "cluster.min_workers=1",
+                                 "cluster.replace_timeout_s=3"])
     return config.replace(job, cluster=cluster) if cluster else job
 
 
@@ -43,13 +44,15 @@ def kill_and_take_its_place(rank, squatters):
     return action
 
 
-def test_an_unreplaceable_worker_is_dropped_and_the_mesh_goes_on_bit_identically(ray_session):
+@pytest.mark.parametrize("optimizer", ["minibatch", "gd"])
+def test_an_unreplaceable_worker_is_dropped_and_the_mesh_goes_on_bit_identically(ray_session, optimizer):
     source = data.resolve("mnist-sample")
     changes, squatters = [], []
-    backend = elastic.ElasticBackend(source, job_for(), changes.append)
+    backend = elastic.ElasticBackend(source, job_for(optimizer), changes.append)
     try:
         assert isinstance(backend.inner, transport.MeshTransport)
-        got = trainer.train(job_for(), backend, hooks=[AtStep(10, kill_and_take_its_place(1, squatters))(backend)])
+        got = trainer.train(job_for(optimizer), backend,
+                            hooks=[AtStep(10, kill_and_take_its_place(1, squatters))(backend)])
         assert isinstance(backend.inner, transport.MeshTransport) and backend.workers == 1
     finally:
         backend.close()
@@ -58,7 +61,7 @@ def test_an_unreplaceable_worker_is_dropped_and_the_mesh_goes_on_bit_identically
     assert "lost worker(s) 1" in change["why"]
     state = None
     for workers, until in ((2, 10), (1, 40)):
-        leg = config.replace(job_for(workers=workers, min_workers=None), run={"steps": until})
+        leg = config.replace(job_for(optimizer, workers=workers, min_workers=None), run={"steps": until})
         by_hand = transport.start(source, leg)
         try:
             state = trainer.train(leg, by_hand, state)

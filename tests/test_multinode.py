@@ -10,8 +10,9 @@ import numpy as np
 HERE = os.path.dirname(__file__)
 
 
-def run_script(*args, timeout=300):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "multinode.py"), *args],
+def run_script(*args, timeout=300, script="multinode.py"):
+    """The JSON line that tests/<script> prints when run with args in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args],
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,147 @@
+"""Run by tests in a fresh interpreter: the collective transport on a multi-node Ray in one process.
+
+Every mode starts a head with no CPUs plus two worker nodes on 127.0.0.1 (multinode.start_cluster)
+and prints one JSON line:
+
+    equal WORKERS        every case of CASES over actor calls and over the collective transport
+                         (WORKERS / 2 CPUs per node, one per worker)
+    kill                 worker 1 SIGKILLed in the middle of a round (it sleeps in step 5)
+    hang                 worker 0 SIGSTOPped: its peer times out, the driver replaces it
+    node_loss            the node of worker 1 removed after step 2 and a fresh node added
+
+Weights go out as the hex of their bytes, so the test compares bits.
+"""
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import ray
+
+from distmlp import config, data, trainer, transport
+from distmlp.worker import ShardWorker
+from hooks import AtStep, alive, kill
+from multinode import note_recovery, replace_node, start_cluster
+
+CASES = {"minibatch": ["optimizer.name='minibatch'", "run.steps=12"],
+         "gd": ["optimizer.name='gd'", "run.steps=4"],
+         "momentum": ["optimizer.name='minibatch'", "optimizer.momentum=0.9", "run.steps=12"]}
+
+
+def job_for(case, workers, transport_name, *more):
+    return config.load_job(None, [*CASES[case], "optimizer.lr=0.1", "run.seed=3", "run.eval_every=4",
+                                  f"cluster.workers={workers}", f"cluster.transport='{transport_name}'",
+                                  "cluster.cpus_per_worker=1", *more])
+
+
+class Losses(trainer.Hook):
+    """Every step's training loss and every evaluation, as the loop reports them."""
+
+    def __init__(self, backend):
+        self.seen = []
+
+    def on_step(self, state, record):
+        self.seen.append([record["train_loss"], record.get("test_loss"), record.get("test_accuracy")])
+
+
+def train(job, source, hooks=(), worker_cls=None):
+    """(summary dict, backend) of job: weights as hex, per-step losses, the transport's name."""
+    backend = transport.start(source, job, **({"worker_cls": worker_cls} if worker_cls else {}))
+    try:
+        made = [h(backend) for h in (Losses, *hooks)]
+        state = trainer.train(job, backend, hooks=made)
+        return {"params": {k: v.tobytes().hex() for k, v in state.params.items()}, "steps": state.step,
+                "losses": made[0].seen, "transport": type(backend).__name__,
+                "nodes": [i["node_id"] for i in backend.group.worker_info],
+                "failures": backend.group.failures}, backend
+    finally:
+        backend.close()
+
+
+def equal(workers):
+    cluster, _ = start_cluster(cpus=workers // 2)
+    try:
+        source = data.resolve("mnist-sample")
+        out = {}
+        for case in CASES:
+            out[case] = {name: train(job_for(case, workers, name), source)[0] for name in ("actors", "collective")}
+        out["auto"] = train(job_for("gd", workers, "auto", "run.steps=1"), source)[0]["transport"]
+        warned = Warnings()
+        logging.getLogger("distmlp").addHandler(warned)
+        transport.importlib.util.find_spec = lambda name: None  # as if torch were not installed
+        out["auto_without_torch"] = train(job_for("gd", workers, "auto", "run.steps=1"), source)[0]["transport"]
+        out["warnings"] = warned.seen
+        print(json.dumps(out))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+class SlowAtStep(ShardWorker):
+    """Rank 1 sleeps 1.5 s in step index 4, so a kill lands in the middle of a round."""
+
+    def grad_sums(self, params, local_indices, step):
+        if self.rank == 1 and step == 4:
+            time.sleep(1.5)
+        return super().grad_sums(params, local_indices, step)
+
+
+def kill_later(rank, delay_s, log):
+    """Action: SIGKILL worker rank delay_s from now, from a timer thread (mid-round)."""
+    def action(backend):
+        pid = backend.group.worker_info[rank]["pid"]
+        threading.Timer(delay_s, lambda: (os.kill(pid, signal.SIGKILL), log.append(pid))).start()
+    return action
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = []
+
+    def emit(self, record):
+        self.seen.append(record.getMessage())
+
+
+def faults(mode):
+    cluster, _ = start_cluster()
+    warned = Warnings()
+    logging.getLogger("distmlp").addHandler(warned)
+    try:
+        source = data.resolve("mnist-sample")
+        out = {"clean": train(job_for("minibatch", 2, "actors", "run.steps=8"), source)[0]}
+        job = job_for("minibatch", 2, "collective", "run.steps=8", "cluster.step_timeout_s=5")
+        events, killed = {}, []
+        t0 = time.perf_counter()
+        if mode == "kill":
+            # the round after step 2 runs steps 3..8; worker 1 sleeps in step 5 and dies there
+            out["failed"], backend = train(job, source, [AtStep(2, kill_later(1, 0.4, killed))], ray.remote(SlowAtStep))
+        elif mode == "hang":
+            try:
+                out["failed"], backend = train(job, source, [AtStep(2, kill(0, signal.SIGSTOP, log=killed))])
+            finally:
+                for pid, _ in killed:
+                    if alive(pid):
+                        os.kill(pid, signal.SIGCONT)
+                        os.kill(pid, signal.SIGKILL)
+            killed = [pid for pid, _ in killed]
+        else:
+            out["failed"], backend = train(job, source, [AtStep(2, replace_node(cluster, 1, events)),
+                                                         AtStep(3, note_recovery(events))])
+        out.update(events, wall_s=time.perf_counter() - t0, killed=killed, warnings=warned.seen,
+                   alive=[alive(pid) for pid in killed])
+        print(json.dumps(out))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "equal":
+        equal(int(sys.argv[2]))
+    else:
+        faults(sys.argv[1])
