@@ -53,14 +53,16 @@ def test_an_unreplaceable_worker_is_dropped_and_the_mesh_goes_on_bit_identically
         assert isinstance(backend.inner, transport.MeshTransport)
         got = trainer.train(job_for(optimizer), backend,
                             hooks=[AtStep(10, kill_and_take_its_place(1, squatters))(backend)])
-        assert isinstance(backend.inner, transport.MeshTransport) and backend.workers == 1
+        assert isinstance(backend.inner, transport.MeshTransport)
     finally:
         backend.close()
-    (change,) = changes
-    assert (change["step"], change["workers_before"], change["workers_after"]) == (10, 2, 1)
-    assert "lost worker(s) 1" in change["why"]
+    shrink, *grown = changes  # the freed CPU may let the group grow back before the end (a long gd run)
+    assert (shrink["step"], shrink["workers_before"], shrink["workers_after"]) == (10, 2, 1)
+    assert "lost worker(s) 1" in shrink["why"]
+    assert all((c["workers_before"], c["workers_after"], c["why"]) == (1, 2, "capacity returned") for c in grown)
+    legs = [(2, 10), *((c["workers_before"], c["step"]) for c in grown), (changes[-1]["workers_after"], 40)]
     state = None
-    for workers, until in ((2, 10), (1, 40)):
+    for workers, until in legs:  # by hand: the same worker counts to the same steps
         leg = config.replace(job_for(optimizer, workers=workers, min_workers=None), run={"steps": until})
         by_hand = transport.start(source, leg)
         try:
