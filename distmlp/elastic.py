@@ -26,7 +26,8 @@ FIRST_PLACE_S = 5.0  # how long to wait for every worker asked for before starti
 class ElasticBackend:
     """A transport whose worker count moves between cluster.min_workers and cluster.workers."""
 
-    def __init__(self, source, job, on_change=lambda event: None, start=transport.start):
+    def __init__(self, source, job, on_change=lambda event: None, start=None):
+        start = start or transport.start  # looked up now: tests replace transport.start
         self.source, self.job, self.on_change, self._start = source, job, on_change, start
         c = job.cluster
         self.most, self.least = c.workers, c.min_workers or c.workers

@@ -15,7 +15,8 @@ def run_script(*args, timeout=300, script="multinode.py"):
     proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args],
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # the last JSON line: Ray may print a removed node's raylet log to stdout after it
+    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
 
 
 def test_workers_spread_over_two_nodes_and_match_one_worker():
