@@ -119,13 +119,13 @@ class Timed(trainer.Hook):
         self.at[record["step"]] = time.perf_counter()
 
 
-def elastic_run():
+def elastic_run(kind="auto"):
     cluster, _ = start_cluster(worker_nodes=3)
     try:
         source = data.resolve("mnist-sample")
         job = config.load_job(None, ["optimizer.lr=0.1", "run.seed=4", "run.steps=400", "cluster.workers=3",
                                      "cluster.min_workers=2", "cluster.replace_timeout_s=5",
-                                     "cluster.step_timeout_s=30"])
+                                     "cluster.step_timeout_s=30", f'cluster.transport="{kind}"'])
         events, changes, timed = {}, [], Timed()
 
         def add_node(backend):
@@ -179,4 +179,5 @@ def below_min():
 
 
 if __name__ == "__main__":
-    {"placement": placement, "node_loss": node_loss, "elastic": elastic_run, "below_min": below_min}[sys.argv[1]]()
+    {"placement": placement, "node_loss": node_loss, "elastic": elastic_run, "below_min": below_min}[sys.argv[1]](
+        *sys.argv[2:])

@@ -270,8 +270,8 @@ def test_a_worker_killed_in_the_middle_of_a_round_is_replaced_and_the_round_reru
 def test_nonfinite_steps_go_to_the_loop_with_the_same_outcome_as_actor_calls(ray_session, source):
     """lr 1e6 with on_nonfinite = skip: the same updates skipped, the same step and worker named."""
     outcomes = []
-    for transport in ("mesh", "actors"):
-        job = config.replace(job_for("minibatch", transport, 12), optimizer={"lr": 1e6},
+    for kind in ("mesh", "actors"):
+        job = config.replace(job_for("minibatch", kind, 12), optimizer={"lr": 1e6},
                              run={"on_nonfinite": "skip", "seed": 11})
         with pytest.raises(trainer.DivergenceError) as info:
             run(job, source)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(__file__)
 
@@ -41,11 +42,13 @@ def test_losing_a_node_restarts_its_worker_on_a_new_node_bit_identical():
     print(f"node loss: recovered in {out['recovery_s']:.1f} s (node added, worker restarted, step recomputed)")
 
 
-def test_a_node_lost_for_good_shrinks_the_group_and_a_node_added_grows_it_bit_identically():
+@pytest.mark.parametrize("kind", ["actors", "auto"])
+def test_a_node_lost_for_good_shrinks_the_group_and_a_node_added_grows_it_bit_identically(kind):
     """3 workers on 3 nodes; worker 2's node removed after step 20 and never replaced: the failed
     step is computed again by 2 workers; a node added after step 150: back to 3. The weights equal
-    a run taken by hand through the same worker counts at the same steps (3, then 2, then 3)."""
-    out = run_script("elastic", timeout=600)
+    a run taken by hand through the same worker counts at the same steps (3, then 2, then 3).
+    Over actor calls, and over the transport auto picks across nodes (the collective with torch)."""
+    out = run_script("elastic", kind, timeout=600)
     shrink, grow = out["changes"]
     assert (shrink["workers_before"], shrink["workers_after"], shrink["step"]) == (3, 2, 20)
     assert (grow["workers_before"], grow["workers_after"]) == (2, 3) and 150 <= grow["step"] < 400

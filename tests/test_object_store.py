@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from distmlp import checkpoint, config, data, metrics, storage, trainer
+from distmlp import checkpoint, config, data, driver, metrics, storage, trainer
 from distmlp.checkpoint import format as ckpt_format
 
 
@@ -125,7 +125,7 @@ def test_tensorboard_events_and_the_mlflow_checkpoint_artifact_come_from_an_obje
     job = config.load_job(overrides=["run.steps=12", "run.eval_every=0", f"run.mlflow_uri={uri!r}",
                                      "run.name=\"remote\""])
     ckpt = checkpoint.CheckpointHook(run, job)
-    hooks = metrics.run_hooks(job, run, ckpt, quiet=True, echo=lambda line: None)
+    hooks = driver.run_hooks(job, run, ckpt, quiet=True, echo=lambda line: None)
     trainer.train(job, trainer.LocalBackend(data.resolve(dataset="mnist-sample")), hooks=hooks)
 
     assert ckpt.last_path == f"{run}/checkpoints/step-000012"
