@@ -143,24 +143,7 @@ class MeshTransport:
             detail = next(r["detail"] for r in replies.values() if r["status"] == mesh.BROKEN)
             log.warning("worker mesh failed (%s); steps from %d go over actor calls", detail, first + 1)
             return self.actors.run_steps(state, stop, plan)
-        done = {len(r["steps"]) for r in replies.values()}
-        prints = {r["fingerprint"] for r in replies.values()}
-        if len(done) != 1 or len(prints) != 1:
-            raise RuntimeError(f"mesh workers disagree after step {first}: steps {done}, weights {len(prints)} kinds")
-        n = done.pop()
-        lead = replies[0]
-        # a step takes as long as its slowest worker; the round's own overhead is spread over its steps
-        slowest = [max(r["steps"][i][3] for r in replies.values()) for i in range(n)]
-        overhead = max(wall - sum(slowest), 0.0) / max(n, 1)
-        records = [trainer.StepRecord(loss_sum, count, max(r["steps"][i][2] for r in replies.values()),
-                                      slowest[i] + overhead)
-                   for i, (loss_sum, count, _, _) in enumerate(lead["steps"])]
-        nonfinite = None
-        if lead["nonfinite"] is not None:
-            loss_sum, count, what, rank = lead["nonfinite"]
-            who = None if rank is None else f"{rank} (pid {g.worker_info[rank]['pid']})"
-            nonfinite = trainer.NonFinite(loss_sum, count, what, who)
-        return trainer.Round(records, lead["params"], lead["opt_state"], nonfinite)
+        return round_of(g, replies, wall, first)
 
     def evaluate(self, params):
         return evaluate(self.group, params)
