@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -68,10 +69,7 @@ class TensorBoardHook(ScalarHook):
         self._events_dir = None  # where the event file is written: run_dir, or a local spool
 
     def on_start(self, state, info):
-        from tensorboardX import summary
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
+        summary, EventsWriter, Event, SessionLog = _tensorboardx()
         super().on_start(state, info)
         self._Event = Event
         remote = storage.is_remote(self.run_dir)
@@ -115,6 +113,25 @@ class TensorBoardHook(ScalarHook):
             with open(os.path.join(self._events_dir, name), "rb") as f:
                 storage.write_bytes(storage.join(self.run_dir, name), f.read())
         shutil.rmtree(self._events_dir, ignore_errors=True)
+
+
+def _tensorboardx():
+    """tensorboardX's summary module, EventsWriter, Event and SessionLog, imported without torch.
+
+    tensorboardX's package import tries `import torch` (to accept tensors), which takes about
+    2.5 s where torch is installed; only scalars and text are written here, so torch is hidden
+    from that one import unless something has imported it already."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return summary, EventsWriter, Event, SessionLog
 
 
 class MlflowHook(ScalarHook):

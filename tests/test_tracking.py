@@ -1,6 +1,9 @@
 """TensorBoard event files and MLflow runs, read back with TensorBoard's own reader and an MLflow client."""
 
 import builtins
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -141,3 +144,16 @@ def test_mlflow_not_installed_names_the_extra(tmp_path, monkeypatch):
     job = small_job(mlflow_uri="file:///nowhere")
     with pytest.raises(tracking.TrackingError, match=r"^run.mlflow_uri needs mlflow: pip install 'distmlp\[mlflow\]'$"):
         tracking.MlflowHook(job.run.mlflow_uri, job, str(tmp_path), lambda: None)
+
+
+def test_writing_event_files_does_not_import_torch(tmp_path):
+    """tensorboardX would import torch (about 2.5 s where installed) for tensors this never writes."""
+    code = ("import sys; from distmlp import config, tracking\n"
+            "hook = tracking.TensorBoardHook(sys.argv[1], config.load_job(None, []))\n"
+            "from distmlp.trainer import initial_state\n"
+            "hook.on_start(initial_state(config.load_job(None, [])), {})\n"
+            "hook.close(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert any(name.startswith("events") for name in os.listdir(tmp_path))
