@@ -6,6 +6,7 @@ returned) and `replace` (spend the failure budget and start new actors in the lo
 places).
 """
 
+import json
 import logging
 import time
 
@@ -22,6 +23,7 @@ log = logging.getLogger("distmlp")
 # A worker is lost when its process (or its node) died, or its result went with its node.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 PLACE_TIMEOUT_S = 60  # the workers must be placed by then
+PLACE_CHECK_S = 2.0  # placed by then, or the cluster is checked for room
 RESTART_PAUSE_S = 1.0  # before starting again a replacement that died while starting
 
 
@@ -35,6 +37,65 @@ class Unreplaceable(WorkerFailure):
     def __init__(self, message, ranks):
         super().__init__(message)
         self.ranks = ranks  # the ranks of the workers that are gone
+
+
+def _await_placement(pg, c, timeout_s):
+    """Wait for the workers' placement group; fail in seconds when the cluster's nodes can never
+    hold it and no autoscaler can add nodes, and say what it waits for when one can."""
+    deadline = time.monotonic() + timeout_s
+    what = f"cannot place {c.workers} workers of {c.cpus_per_worker:g} CPU each ({c.placement})"
+    ready, _ = ray.wait([pg.ready()], timeout=min(PLACE_CHECK_S, timeout_s))
+    if ready:
+        return
+    short = shortfall(c, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
+    if short and not autoscaler_can_add_nodes():
+        remove_placement_group(pg)
+        raise ClusterError(f"{what}: {short}, and no autoscaler can add nodes to this cluster")
+    if short:
+        log.warning("%s on the nodes there are now (%s): waiting up to %g s for the autoscaler to add nodes",
+                    what, short, timeout_s)
+    ready, _ = ray.wait([pg.ready()], timeout=max(deadline - time.monotonic(), 0))
+    if not ready:
+        remove_placement_group(pg)
+        raise ClusterError(f"{what} within {timeout_s:g} s; cluster resources: {ray.cluster_resources()}")
+
+
+def shortfall(c, node_cpus):
+    """Why cluster settings c can never be placed on nodes with node_cpus CPUs, or None if they
+    can (when the nodes are free)."""
+    per, eps = c.cpus_per_worker, 1e-9
+    if c.placement == "STRICT_PACK":
+        fits = any(cpus + eps >= c.workers * per for cpus in node_cpus)
+    elif c.placement == "STRICT_SPREAD":
+        fits = sum(cpus + eps >= per for cpus in node_cpus) >= c.workers
+    else:
+        fits = sum(int((cpus + eps) // per) for cpus in node_cpus) >= c.workers
+    if fits:
+        return None
+    listed = ", ".join(f"{cpus:g}" for cpus in node_cpus)
+    return f"the cluster's {len(node_cpus)} node(s) have {listed} CPU ({sum(node_cpus):g} in all)"
+
+
+def autoscaler_can_add_nodes():
+    """Whether an autoscaler that can launch nodes runs for this cluster.
+
+    Ray has no public API for this. Every head runs Ray's monitor, which writes its report to
+    the internal key-value store (private: ray.experimental.internal_kv); a head started without
+    an autoscaling config runs it with a read-only provider, whose node types are the existing
+    nodes, named "node_<node id>". Autoscaler v2 writes no such report: assume it can."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if is_autoscaler_v2():
+        return True
+    report = _internal_kv_get("__autoscaling_status")
+    if not report:
+        return False
+    try:
+        types = json.loads(report).get("autoscaler_report", {}).get("node_type_mapping") or {}
+    except (ValueError, AttributeError):
+        return False
+    return any(not name.startswith("node_") for name in types.values())
 
 
 class WorkerGroup:
@@ -52,11 +113,7 @@ class WorkerGroup:
         self.max_failures, self.failures = c.max_failures, 0  # budget (-1: unlimited) and spent
         self.source, self.dtype, self.worker_cls = source, job.model.dtype, worker_cls
         self.pg = placement_group([{"CPU": c.cpus_per_worker}] * c.workers, strategy=c.placement)
-        ready, _ = ray.wait([self.pg.ready()], timeout=place_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise ClusterError(f"cannot place {c.workers} workers of {c.cpus_per_worker} CPU each "
-                               f"({c.placement}); cluster resources: {ray.cluster_resources()}")
+        _await_placement(self.pg, c, place_timeout_s)
         bundle_nodes = placement_group_table(self.pg)["bundles_to_node_id"]
         self.bundle_nodes = [bundle_nodes[rank] for rank in range(c.workers)]
         # The data set once per node, read zero-copy by the workers there, when every worker shares

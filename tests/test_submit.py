@@ -281,6 +281,15 @@ def test_train_with_a_wrong_or_missing_token_says_so_in_one_line(head, tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_can_ever_hold_fail_at_once_in_one_line(head, tmp_path):
+    """The head has 2 CPUs and no autoscaling config: 3 workers of 1 CPU can never be placed."""
+    r = distmlp(head, "train", "--address", head["gcs"], "--workers", "3", "--steps", "3", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot place 3 workers of 1 CPU each (SPREAD)" in r.stderr
+    assert "1 node(s) have 2 CPU (2 in all), and no autoscaler can add nodes" in r.stderr
+
+
 # ---- no cluster needed: parsing, safety checks ----
 
 runner = CliRunner()
