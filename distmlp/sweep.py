@@ -30,7 +30,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from distmlp import checkpoint, config, data, trainer
+from distmlp import checkpoint, config, data, storage, trainer
 from distmlp.errors import UserError
 
 SPACES = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -242,6 +242,9 @@ def run_sweep(job_file, sets=(), samples=8, metric="test_accuracy", workers_per_
     max_t = check(base, spaces, workers_per_trial)
     if grace_period > max_t:
         raise SweepError(f"--grace-period {grace_period}: a trial makes at most {max_t} evaluations")
+    if sweep_dir and storage.is_remote(sweep_dir):
+        raise SweepError(f"--sweep-dir {sweep_dir}: a sweep directory is local (Ray Tune keeps its state there); "
+                         "the trials' run directories follow it")
     sweep_dir = os.path.abspath(sweep_dir or default_sweep_dir(base))
     if os.path.exists(sweep_dir) and os.listdir(sweep_dir):
         raise SweepError(f"{sweep_dir}: sweep directory exists and is not empty")

@@ -119,6 +119,14 @@ def test_a_used_sweep_directory_is_refused(tmp_path):
     assert os.listdir(tmp_path) == ["old.txt"]
 
 
+def test_a_sweep_directory_on_object_storage_is_refused_in_one_line():
+    result = CliRunner().invoke(app, ["sweep", *SHORT, "--set", "optimizer.lr=choice(0.1, 1)",
+                                      "--sweep-dir", "s3://bucket/sweeps/a"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == ("error: --sweep-dir s3://bucket/sweeps/a: a sweep directory is local "
+                                     "(Ray Tune keeps its state there); the trials' run directories follow it")
+
+
 def test_trial_job_takes_the_sampled_values():
     base = config.load_job(None, ["run.eval_every=25", "run.checkpoint_every=7", "run.steps=100"])
     job = sweep.trial_job(base, {"optimizer.lr": 0.3, "optimizer.batch_size": 16}, 0, "/somewhere/trial")
