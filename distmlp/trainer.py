@@ -207,6 +207,7 @@ class LocalBackend:
         self.train_x, self.train_y = data.load_rows(source.train)
         self.test_x, self.test_y = data.load_rows(source.test)
         self.n_train, self.n_test = len(self.train_y), len(self.test_y)
+        self.held_out = mlp.HeldOut(self.test_x, self.test_y, self.dtype)
 
     def grad_sums(self, params, batch, step_index):
         """(gradient sums keyed like params, loss sum, count) over batch (None: every row)."""
@@ -223,7 +224,7 @@ class LocalBackend:
         return run_round(state, stop, plan, compute)
 
     def evaluate(self, params):
-        return mlp.evaluate_sums(params, mlp.scale_pixels(self.test_x, self.dtype), self.test_y)
+        return self.held_out.evaluate(params)
 
     def close(self):
         pass

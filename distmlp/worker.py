@@ -34,6 +34,7 @@ class ShardWorker:
             train_x, train_y, test_x, test_y = ray.get(node_data[0])
             self.train_x, self.train_y = train_x[slice(*train_range)], train_y[slice(*train_range)]
             self.test_x, self.test_y = test_x[slice(*test_range)], test_y[slice(*test_range)]
+        self.held_out = mlp.HeldOut(self.test_x, self.test_y, self.dtype)
         self.mesh = None
         self.collective = None
 
@@ -54,7 +55,7 @@ class ShardWorker:
         return step, grads, loss_sum, count, time.perf_counter() - t0
 
     def evaluate(self, params):
-        return mlp.evaluate_sums(params, mlp.scale_pixels(self.test_x, self.dtype), self.test_y)
+        return self.held_out.evaluate(params)
 
     def mesh_run(self, start, request):
         """mesh.MeshWorker.run: steps request["first"].. from start = (params, opt_state)."""
