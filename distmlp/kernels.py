@@ -27,6 +27,7 @@ class NumpyKernel:
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         self.dtype = np.dtype(dtype).type
         self.chunk_rows = chunk_rows  # a full batch's rows per chunk (None: all in one pass)
+        self.layout, self.out, self.views = None, None, None  # keyed_grad_sums' array, made once
 
     def grad_sums(self, params, x_uint8, labels, rows, out):
         if rows is None:
@@ -36,6 +37,16 @@ class NumpyKernel:
             grads, loss_sum, count = mlp.loss_and_grad_sums(params, x, labels[rows])
         step.flatten(grads, mlp.param_names(len(params) // 2), out=out)
         return loss_sum, count
+
+    def keyed_grad_sums(self, params, x_uint8, labels, rows):
+        """(gradient sums keyed like params, loss sum, count) by grad_sums; the sums are views of
+        one flat array that the next call rewrites."""
+        layout = tuple(p.shape for p in params.values())
+        if layout != self.layout:
+            self.out = np.empty(sum(p.size for p in params.values()), self.dtype)
+            self.layout, self.views = layout, step.unflatten(self.out, params)
+        loss_sum, count = self.grad_sums(params, x_uint8, labels, rows, self.out)
+        return self.views, loss_sum, count
 
 
 class NumbaKernel(NumpyKernel):

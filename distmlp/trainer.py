@@ -210,10 +210,9 @@ class LocalBackend:
         self.n_train, self.n_test = len(self.train_y), len(self.test_y)
 
     def grad_sums(self, params, batch, step_index):
-        """(gradient sums keyed like params, loss sum, count) over batch (None: every row)."""
-        out = np.empty(sum(p.size for p in params.values()), self.dtype)
-        loss_sum, count = self.kernel.grad_sums(params, self.train_x, self.train_y, batch, out)
-        return step.unflatten(out, params), loss_sum, count
+        """(gradient sums keyed like params, loss sum, count) over batch (None: every row); the
+        sums are rewritten by the next call."""
+        return self.kernel.keyed_grad_sums(params, self.train_x, self.train_y, batch)
 
     def run_steps(self, state, stop, plan):
         names = mlp.param_names(len(state.params) // 2)

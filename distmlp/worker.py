@@ -15,7 +15,6 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from distmlp import data, kernels, mlp
-from distmlp import step as contract
 
 BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -45,11 +44,11 @@ class ShardWorker:
 
     def grad_sums(self, params, local_indices, step):
         """(step, gradient sums keyed like params, loss sum, count, seconds) over local_indices
-        (None: the whole shard, in cache-sized chunks), by the job's kernel."""
+        (None: the whole shard, in cache-sized chunks), by the job's kernel; the sums are
+        rewritten by the next call."""
         t0 = time.perf_counter()
-        out = np.empty(sum(p.size for p in params.values()), self.dtype)
-        loss_sum, count = self.kernel.grad_sums(params, self.train_x, self.train_y, local_indices, out)
-        return step, contract.unflatten(out, params), loss_sum, count, time.perf_counter() - t0
+        grads, loss_sum, count = self.kernel.keyed_grad_sums(params, self.train_x, self.train_y, local_indices)
+        return step, grads, loss_sum, count, time.perf_counter() - t0
 
     def evaluate(self, params):
         return mlp.evaluate_sums(params, mlp.scale_pixels(self.test_x, self.dtype), self.test_y)
