@@ -15,9 +15,12 @@ batch (gd) goes through the NumPy path in both kernels, CHUNK_ROWS rows at a tim
 is faster than the compiled loop.
 """
 
+import os
+import tempfile
+
 import numpy as np
 
-from distmlp import mlp, step
+from distmlp import fsutil, mlp, step
 from distmlp.errors import UserError
 
 CHUNK_ROWS = 1024  # full-batch rows per chunk: (1024, 784) float32 is 3.2 MB
@@ -52,8 +55,7 @@ class NumpyKernel:
 class NumbaKernel(NumpyKernel):
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         super().__init__(dtype, chunk_rows)
-        from distmlp import numba_kernel
-        self.compiled = numba_kernel.grad_sums
+        self.compiled = _compiled()
         self.table = mlp.scale_pixels(np.arange(256, dtype=np.uint8), self.dtype)  # pixel -> its scaled value
         self.flat = None  # the weights, flattened for the compiled loop
 
@@ -65,6 +67,22 @@ class NumbaKernel(NumpyKernel):
         step.flatten(params, mlp.param_names(len(params) // 2), out=self.flat)
         sizes = np.array(mlp.layer_sizes(params), np.int64)
         return self.compiled(self.flat, sizes, self.table, x_uint8, labels, rows, out), len(rows)
+
+
+def _compiled():
+    """numba_kernel.grad_sums, compiled once per machine: numba caches it beside the module, else
+    in the user's cache directory; where neither is writable, in a private directory of this
+    user's under the temporary directory."""
+    try:
+        from distmlp import numba_kernel
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        import numba
+        path = os.path.join(tempfile.gettempdir(), f"distmlp-numba-{os.getuid()}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        fsutil.check_private_dir(path)  # numba loads pickles from it
+        numba.config.CACHE_DIR = path
+        from distmlp import numba_kernel
+    return numba_kernel.grad_sums
 
 
 def require(name):
