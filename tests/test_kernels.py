@@ -146,9 +146,8 @@ def same_bits(a, b):
 
 
 @needs_numba
-@pytest.mark.parametrize("name, steps, dtype", [("minibatch", 20, "float32"),
-                                                pytest.param("sgd", 20, "float32", marks=pytest.mark.slow),
-                                                pytest.param("minibatch", 12, "float64", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name, steps, dtype", [("minibatch", 20, "float32"), ("sgd", 20, "float32"),
+                                                ("minibatch", 12, "float64")])
 def test_numba_gives_the_same_bits_in_every_transport(ray_session, source, name, steps, dtype):
     """One worker: the single process, the mesh and actor calls compute the same sums in one call;
     two workers: the mesh and actor calls add the same two parts."""
