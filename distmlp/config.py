@@ -2,7 +2,7 @@
 
 A job file has up to five tables, each optional, each field optional:
 
-    [model]      sizes = [784, 16, 16, 10], dtype = "float32"
+    [model]      sizes = [784, 16, 16, 10], dtype = "float32", kernel = "numpy"
     [optimizer]  name = "minibatch", lr = 0.1, batch_size = 32, sampling = "shuffle"
     [data]       dataset = "mnist-sample"          (or path = "some/idx/or/parquet/dir")
     [run]        name, seed, epochs | steps, eval_every, log_every, checkpoint_every, ...
@@ -24,6 +24,7 @@ from distmlp.errors import UserError
 OPTIMIZERS = ("sgd", "minibatch", "gd")
 SAMPLINGS = ("shuffle", "sample", "sequential")
 DTYPES = ("float32", "float64")
+KERNELS = ("numpy", "numba")
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 NONFINITE_POLICIES = ("stop", "skip")
 TRANSPORTS = ("auto", "actors", "mesh", "collective")
@@ -41,6 +42,9 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     sizes: tuple[int, ...] = (784, 16, 16, 10)  # layer widths, input first, classes last
     dtype: str = "float32"  # "float32" or "float64" for weights and arithmetic
+    # gradient sums of a minibatch: "numpy" (the reference) or "numba" (one compiled loop,
+    # equal to numpy within rounding; needs the extra 'fast'); full batches (gd) always numpy
+    kernel: str = "numpy"
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,7 @@ def validate(job):
     _require(len(m.sizes) >= 2 and all(s >= 1 for s in m.sizes), "model.sizes",
              "need at least two positive widths, e.g. [784, 16, 16, 10]", list(m.sizes))
     _require(m.dtype in DTYPES, "model.dtype", f"allowed: {', '.join(DTYPES)}", m.dtype)
+    _require(m.kernel in KERNELS, "model.kernel", f"allowed: {', '.join(KERNELS)}", m.kernel)
     _require(o.name in OPTIMIZERS, "optimizer.name", f"allowed: {', '.join(OPTIMIZERS)}", o.name)
     _require(o.lr is None or 0 < o.lr < float("inf"), "optimizer.lr", "must be a finite number > 0", o.lr)
     _require(o.batch_size >= 1, "optimizer.batch_size", "must be >= 1", o.batch_size)

@@ -9,7 +9,7 @@ import math
 import os
 import time
 
-from distmlp import checkpoint, config, data, metrics, progress, storage, tracking, trainer
+from distmlp import checkpoint, config, data, kernels, metrics, progress, storage, tracking, trainer
 from distmlp.errors import RunStopped, UserError
 
 
@@ -63,9 +63,10 @@ class OneThread:
 def start_backend(source, job, echo, on_change):
     """(backend, whether we started Ray) for job: in this process, or worker actors on Ray
     (elastic between cluster.min_workers and cluster.workers; on_change(event) hears of it)."""
+    kernels.require(job.model.kernel)
     c = job.cluster
     if c.workers == 0:
-        return OneThread(trainer.LocalBackend(source, job.model.dtype)), False
+        return OneThread(trainer.LocalBackend(source, job.model.dtype, job.model.kernel)), False
     from distmlp import connect, elastic
     cores = os.cpu_count() or 1
     wanted = math.ceil(c.workers * c.cpus_per_worker)

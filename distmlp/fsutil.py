@@ -5,8 +5,17 @@ target, fsync it, rename it onto the target, fsync the directory.
 """
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+
+def check_private_dir(directory):
+    """Refuse a directory that is not a real directory of this user with mode 0700 (another
+    user could have made it, or put a symlink there)."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        raise PermissionError(f"{directory}: not a private directory of this user (mode 0700); refusing it")
 
 
 def fsync_dir(path):

@@ -111,7 +111,7 @@ class WorkerGroup:
         self.test_bounds = data.shard_bounds(self.n_test, c.workers)
         self.timeout, self.replace_timeout = c.step_timeout_s, c.replace_timeout_s
         self.max_failures, self.failures = c.max_failures, 0  # budget (-1: unlimited) and spent
-        self.source, self.dtype, self.worker_cls = source, job.model.dtype, worker_cls
+        self.source, self.dtype, self.kernel, self.worker_cls = source, job.model.dtype, job.model.kernel, worker_cls
         self.pg = placement_group([{"CPU": c.cpus_per_worker}] * c.workers, strategy=c.placement)
         _await_placement(self.pg, c, place_timeout_s)
         bundle_nodes = placement_group_table(self.pg)["bundles_to_node_id"]
@@ -130,7 +130,8 @@ class WorkerGroup:
         return self.worker_cls.options(
             num_cpus=self.pg.bundle_specs[rank]["CPU"], scheduling_strategy=strategy,
             max_restarts=0, max_task_retries=0, runtime_env={"env_vars": worker.BLAS_ENV},
-        ).remote(rank, self.source, self.bounds[rank], self.test_bounds[rank], self.dtype, node_data=node_data)
+        ).remote(rank, self.source, self.bounds[rank], self.test_bounds[rank], self.dtype,
+                         node_data=node_data, kernel=self.kernel)
 
     def nodes(self):
         return sorted({info["node_id"] for info in self.worker_info})

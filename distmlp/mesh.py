@@ -40,6 +40,7 @@ import time
 import numpy as np
 
 from distmlp import step as contract
+from distmlp.fsutil import check_private_dir
 
 SPIN_S = 0.0005  # polling before sleeping, per receive (0.3-1 ms measured alike)
 MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: actor calls
@@ -123,14 +124,6 @@ class Peers:
         for sock in self.socks.values():
             sock.close()
         self.socks = {}
-
-
-def check_private_dir(directory):
-    """Refuse a mesh directory that is not a real directory of this user with mode 0700 (another
-    user could have made it, or put a symlink there)."""
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
-        raise PermissionError(f"{directory}: not a private directory of this user (mode 0700); refusing it")
 
 
 def _map(path, dtype, shape, create):

@@ -43,6 +43,16 @@ def flatten(arrays, names, out=None):
     return np.concatenate([arrays[name].reshape(-1) for name in names], out=out)
 
 
+def unflatten(flat, params):
+    """{name: view of flat} shaped like params' arrays: the inverse of flatten (param_names order)."""
+    out, at = {}, 0
+    for name in mlp.param_names(len(params) // 2):
+        shape = params[name].shape
+        out[name] = flat[at:at + params[name].size].reshape(shape)
+        at += params[name].size
+    return out
+
+
 def all_finite(x):
     """No NaN or infinity in x (one sum, exact: a non-finite sum is checked element by element)."""
     return bool(np.isfinite(x.sum()) or np.isfinite(x).all())

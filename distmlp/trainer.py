@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distmlp import data, mlp, optim, step
+from distmlp import data, kernels, mlp, optim, step
 from distmlp.config import ConfigError
 from distmlp.errors import RunStopped
 from distmlp.sampling import Sampler
@@ -202,17 +202,18 @@ class LocalBackend:
 
     workers = 0
 
-    def __init__(self, source, dtype=np.float32):
+    def __init__(self, source, dtype=np.float32, kernel="numpy"):
         self.dtype = np.dtype(dtype).type
+        self.kernel = kernels.make(kernel, dtype, chunk_rows=None)  # a full batch in one pass
         self.train_x, self.train_y = data.load_rows(source.train)
         self.test_x, self.test_y = data.load_rows(source.test)
         self.n_train, self.n_test = len(self.train_y), len(self.test_y)
         self.held_out = mlp.HeldOut(self.test_x, self.test_y, self.dtype)
 
     def grad_sums(self, params, batch, step_index):
-        """(gradient sums keyed like params, loss sum, count) over batch (None: every row)."""
-        x, y = (self.train_x, self.train_y) if batch is None else (self.train_x[batch], self.train_y[batch])
-        return mlp.loss_and_grad_sums(params, mlp.scale_pixels(x, self.dtype), y)
+        """(gradient sums keyed like params, loss sum, count) over batch (None: every row); the
+        sums are rewritten by the next call."""
+        return self.kernel.keyed_grad_sums(params, self.train_x, self.train_y, batch)
 
     def run_steps(self, state, stop, plan):
         names = mlp.param_names(len(state.params) // 2)

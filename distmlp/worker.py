@@ -14,18 +14,18 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distmlp import data, mlp
+from distmlp import data, kernels, mlp
 
 BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-CHUNK_ROWS = 1024  # full-batch rows per chunk: (1024, 784) float32 is 3.2 MB
 
 
 class ShardWorker:
     """Training rows [train_start, train_stop) and held-out rows [test_start, test_stop)."""
 
-    def __init__(self, rank, source, train_range, test_range, dtype="float32", node_data=None):
+    def __init__(self, rank, source, train_range, test_range, dtype="float32", node_data=None, kernel="numpy"):
         self.rank = rank
         self.dtype = np.dtype(dtype).type
+        self.kernel = kernels.make(kernel, dtype)
         self.train_range = train_range
         if node_data is None:
             self.train_x, self.train_y = data.load_rows(source.train, *train_range)  # (n, 784) uint8
@@ -45,13 +45,10 @@ class ShardWorker:
 
     def grad_sums(self, params, local_indices, step):
         """(step, gradient sums keyed like params, loss sum, count, seconds) over local_indices
-        (None: the whole shard, in cache-sized chunks)."""
+        (None: the whole shard, in cache-sized chunks), by the job's kernel; the sums are
+        rewritten by the next call."""
         t0 = time.perf_counter()
-        if local_indices is None:
-            grads, loss_sum, count = chunked_grad_sums(params, self.train_x, self.train_y, self.dtype)
-        else:
-            x, y = self.train_x[local_indices], self.train_y[local_indices]
-            grads, loss_sum, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x, self.dtype), y)
+        grads, loss_sum, count = self.kernel.keyed_grad_sums(params, self.train_x, self.train_y, local_indices)
         return step, grads, loss_sum, count, time.perf_counter() - t0
 
     def evaluate(self, params):
@@ -73,25 +70,6 @@ class ShardWorker:
 
 
 RemoteShardWorker = ray.remote(ShardWorker)
-
-
-def chunked_grad_sums(params, x_uint8, labels, dtype, chunk=CHUNK_ROWS):
-    """mlp.loss_and_grad_sums over uint8 rows, `chunk` rows at a time, partial sums added in order.
-
-    A full-batch step over 30,000 rows scaled at once writes and rereads 94 MB of floats; in
-    chunks the floats stay in cache.
-    """
-    total, loss_sum = None, 0.0
-    for lo in range(0, len(labels), chunk):
-        x = mlp.scale_pixels(x_uint8[lo:lo + chunk], dtype)  # (chunk, 784)
-        grads, part_loss, _ = mlp.loss_and_grad_sums(params, x, labels[lo:lo + chunk])
-        if total is None:
-            total = grads
-        else:
-            for name, g in grads.items():
-                total[name] += g
-        loss_sum += part_loss
-    return total, loss_sum, len(labels)
 
 
 @ray.remote(num_cpus=0)

@@ -30,6 +30,11 @@ def test_quick_benchmark_runs_and_prints_the_table():
         assert "speed-up mesh vs Ray Train" in out and "speed-up mesh vs DDP" in out
     else:
         assert "torch not installed (optional extra 'bench')" in out
+    if importlib.util.find_spec("numba") is not None:
+        for kernel, where in (("numpy", "single process"), ("numba", "single process"), ("numba", "mesh, 2 workers")):
+            assert re.search(rf"kernel {kernel} *\| {where} *\| -?[\d,]+ us/step", out), (kernel, where)
+    else:
+        assert "numba not installed (optional extra 'fast')" in out
 
 
 @pytest.mark.slow

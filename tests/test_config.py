@@ -19,6 +19,7 @@ BAD_OVERRIDES = [
     ("model.sizes=[784, true, 10]", ["model.sizes", "list of integers"]),
     ("model.dtype=float16", ["model.dtype", "float32, float64"]),
     ("model.dtype=32", ["model.dtype", "expected str"]),
+    ("model.kernel=cuda", ["model.kernel", "allowed: numpy, numba", "cuda"]),
     ("optimizer.name=adam", ["optimizer.name", "sgd, minibatch, gd"]),
     ("optimizer.name=[1]", ["optimizer.name", "expected str"]),
     ("optimizer.lr=-0.1", ["optimizer.lr", "> 0"]),

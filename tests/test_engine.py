@@ -98,11 +98,11 @@ def test_workers_read_parquet_shards_and_match_idx(ray_session, source, tmp_path
 @pytest.mark.parametrize("n,chunk", [(400, 1024), (400, 128), (399, 100), (1, 7)])
 def test_chunked_full_batch_sums_equal_one_pass_within_rounding(source, n, chunk):
     """A worker's full-shard sums, chunk rows at a time, equal one pass within rounding (bitwise in one chunk)."""
-    from distmlp import mlp, worker
+    from distmlp import kernels, mlp
     x8, y = data.load_rows(source.train, 0, n)
     params = mlp.init_params((784, 16, 16, 10), np.random.default_rng(6), np.float64)
     expected, loss, count = mlp.loss_and_grad_sums(params, mlp.scale_pixels(x8, np.float64), y)
-    got, got_loss, got_count = worker.chunked_grad_sums(params, x8, y, np.float64, chunk)
+    got, got_loss, got_count = kernels.chunked_grad_sums(params, x8, y, np.float64, chunk)
     assert got_count == count == n and got_loss == pytest.approx(loss, rel=1e-12)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-12, err_msg=name)

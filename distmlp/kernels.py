@@ -1,0 +1,122 @@
+"""The gradient-sum kernels (model.kernel): the one function every backend calls for a step's sums.
+
+    kernel.grad_sums(params, x_uint8, labels, rows, out) -> (loss sum, count)
+
+writes the gradient sums over the uint8 rows x_uint8[rows] (rows None: every row) into out,
+flat in step.flatten's layout. The single-process backend, the workers' actor calls, the mesh
+and the collective all reach it through ShardWorker.grad_sums or LocalBackend.grad_sums, so a
+job's kernel is the same in every transport and their bits stay equal.
+
+"numpy" is the reference: mlp.loss_and_grad_sums on the scaled rows. "numba" runs a minibatch
+through one compiled loop (distmlp.numba_kernel); its sums are added in another order than
+BLAS adds them, so they equal the reference within rounding, not bit for bit, and they are the
+same bits in every process only on the same CPU type (LLVM compiles for the host CPU). A full
+batch (gd) goes through the NumPy path in both kernels, CHUNK_ROWS rows at a time: there BLAS
+is faster than the compiled loop.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+
+from distmlp import fsutil, mlp, step
+from distmlp.errors import UserError
+
+CHUNK_ROWS = 1024  # full-batch rows per chunk: (1024, 784) float32 is 3.2 MB
+
+
+class NumpyKernel:
+    def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
+        self.dtype = np.dtype(dtype).type
+        self.chunk_rows = chunk_rows  # a full batch's rows per chunk (None: all in one pass)
+        self.layout, self.out, self.views = None, None, None  # keyed_grad_sums' array, made once
+
+    def grad_sums(self, params, x_uint8, labels, rows, out):
+        if rows is None:
+            grads, loss_sum, count = chunked_grad_sums(params, x_uint8, labels, self.dtype, self.chunk_rows)
+        else:
+            x = mlp.scale_pixels(x_uint8[rows], self.dtype)  # (B, 784)
+            grads, loss_sum, count = mlp.loss_and_grad_sums(params, x, labels[rows])
+        step.flatten(grads, mlp.param_names(len(params) // 2), out=out)
+        return loss_sum, count
+
+    def keyed_grad_sums(self, params, x_uint8, labels, rows):
+        """(gradient sums keyed like params, loss sum, count) by grad_sums; the sums are views of
+        one flat array that the next call rewrites."""
+        layout = tuple(p.shape for p in params.values())
+        if layout != self.layout:
+            self.out = np.empty(sum(p.size for p in params.values()), self.dtype)
+            self.layout, self.views = layout, step.unflatten(self.out, params)
+        loss_sum, count = self.grad_sums(params, x_uint8, labels, rows, self.out)
+        return self.views, loss_sum, count
+
+
+class NumbaKernel(NumpyKernel):
+    def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
+        super().__init__(dtype, chunk_rows)
+        self.compiled = _compiled()
+        self.table = mlp.scale_pixels(np.arange(256, dtype=np.uint8), self.dtype)  # pixel -> its scaled value
+        self.flat = None  # the weights, flattened for the compiled loop
+
+    def grad_sums(self, params, x_uint8, labels, rows, out):
+        if rows is None:
+            return super().grad_sums(params, x_uint8, labels, rows, out)
+        if self.flat is None or self.flat.shape != out.shape:
+            self.flat = np.empty_like(out)
+        step.flatten(params, mlp.param_names(len(params) // 2), out=self.flat)
+        sizes = np.array(mlp.layer_sizes(params), np.int64)
+        return self.compiled(self.flat, sizes, self.table, x_uint8, labels, rows, out), len(rows)
+
+
+def _compiled():
+    """numba_kernel.grad_sums, compiled once per machine: numba caches it beside the module, else
+    in the user's cache directory; where neither is writable, in a private directory of this
+    user's under the temporary directory."""
+    try:
+        from distmlp import numba_kernel
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        import numba
+        path = os.path.join(tempfile.gettempdir(), f"distmlp-numba-{os.getuid()}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        fsutil.check_private_dir(path)  # numba loads pickles from it
+        numba.config.CACHE_DIR = path
+        from distmlp import numba_kernel
+    return numba_kernel.grad_sums
+
+
+def require(name):
+    """Raise UserError (one line) when kernel `name` cannot run here: call before starting Ray."""
+    if name == "numba":
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            raise UserError("model.kernel: \"numba\" needs numba, the extra 'fast' "
+                            "(pip install -e '.[fast]')") from None
+
+
+def make(name, dtype, chunk_rows=CHUNK_ROWS):
+    """The kernel called `name` (config.KERNELS) for weights of dtype."""
+    require(name)
+    return (NumbaKernel if name == "numba" else NumpyKernel)(dtype, chunk_rows)
+
+
+def chunked_grad_sums(params, x_uint8, labels, dtype, chunk=CHUNK_ROWS):
+    """mlp.loss_and_grad_sums over uint8 rows, `chunk` rows at a time (None: all at once),
+    partial sums added in order.
+
+    A full-batch step over 30,000 rows scaled at once writes and rereads 94 MB of floats; in
+    chunks the floats stay in cache.
+    """
+    total, loss_sum = None, 0.0
+    chunk = chunk or len(labels)
+    for lo in range(0, len(labels), chunk):
+        x = mlp.scale_pixels(x_uint8[lo:lo + chunk], dtype)  # (chunk, 784)
+        grads, part_loss, _ = mlp.loss_and_grad_sums(params, x, labels[lo:lo + chunk])
+        if total is None:
+            total = grads
+        else:
+            for name, g in grads.items():
+                total[name] += g
+        loss_sum += part_loss
+    return total, loss_sum, len(labels)
