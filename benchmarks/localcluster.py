@@ -62,7 +62,8 @@ def _start(cmd, temp_dir, env):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_node(proc)
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-            raise RuntimeError(f"{' '.join(cmd[2:5])} did not start:\n{tail}")
+            what = next(a for a in cmd if a.startswith(("--head", "--address")))
+            raise RuntimeError(f"ray start {what} did not start:\n{tail}")
         time.sleep(0.2)
     return proc
 
