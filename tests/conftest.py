@@ -29,7 +29,7 @@ def sample_dir():
 # subprocess runs, runs thousands of steps or sleeps: every test that uses Ray, but for the few
 # below that cover the engine's modules (worker group, both transports, worker, mesh) in one
 # short Ray session; and whole modules that are all subprocess runs or clusters.
-SLOW_MODULES = {"test_benchmarks", "test_faults", "test_multinode", "test_resume"}
+SLOW_MODULES = {"test_benchmarks", "test_faults", "test_multinode", "test_realnodes", "test_resume"}
 FAST_RAY_TESTS = {
     "test_mesh.py::test_mesh_equals_actor_calls_bit_for_bit[minibatch-2]",
     "test_engine.py::test_minibatch_indices_go_to_their_owner",

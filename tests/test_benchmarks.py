@@ -39,8 +39,8 @@ def test_quick_benchmark_runs_and_prints_the_table():
 
 @pytest.mark.slow
 def test_quick_multinode_benchmark_runs_on_its_own_cluster_and_stops_it():
-    """benchmarks.multinode --quick: a real 3-node Ray on 127.0.0.1, the rows printed, and none of
-    the cluster's processes or its directory left behind."""
+    """benchmarks.multinode --quick: a real 3-node Ray on 127.0.0.1, the rows printed (minibatch
+    steps, and gd epochs with 1 and 2 workers), and the cluster's directory not left behind."""
     before = set(glob.glob("/tmp/dmb-*"))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.multinode", "--quick"], cwd=ROOT, capture_output=True,
                           text=True, timeout=900)
@@ -54,6 +54,9 @@ def test_quick_multinode_benchmark_runs_on_its_own_cluster_and_stops_it():
             assert re.search(rf"speed-up collective vs actor calls, {workers} workers *\| [\d.]+x", out)
         assert re.search(r"Ray Train TorchTrainer, 2 workers *\| [\d,]+ us/step", out)
         assert re.search(r"speed-up collective vs Ray Train, 2 workers *\| [\d.]+x", out)
+        for workers in (1, 2):
+            assert re.search(rf"Ray, collective allgather, {workers} worker\(s\) *\| [\d.]+ s/epoch *\| CollectiveTransport", out)
+        assert re.search(r"speed-up 2 workers on 2 nodes vs 1 *\| [\d.]+x", out)
     else:
         assert "torch not installed (optional extra 'bench')" in out
     assert set(glob.glob("/tmp/dmb-*")) == before, "the cluster's directory was left behind"

@@ -11,10 +11,10 @@ import pytest
 HERE = os.path.dirname(__file__)
 
 
-def run_script(*args, timeout=300, script="multinode.py"):
+def run_script(*args, timeout=300, script="multinode.py", env=None):
     """The JSON line that tests/<script> prints when run with args in a fresh interpreter."""
     proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the last JSON line: Ray may print a removed node's raylet log to stdout after it
     return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))

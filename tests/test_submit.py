@@ -11,8 +11,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from benchmarks.localcluster import free_port, stop_node
 from distmlp import jobs_api
 from distmlp.cli import app
 from test_upload import EXPECTED, hostile_tree
@@ -30,12 +29,6 @@ from test_upload import EXPECTED, hostile_tree
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICKSTART = ROOT / "jobs" / "quickstart.toml"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(home):
@@ -86,15 +79,7 @@ def ray_head(home, temp_dir):
         wait_http(url, 90, proc, log.name)
         yield {"url": url, "env": env, "home": home, "gcs": f"127.0.0.1:{gcs}", "temp_dir": temp_dir}
     finally:
-        proc.send_signal(signal.SIGTERM)  # --block: ray start stops what it started
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything left in the head's session
-        except ProcessLookupError:
-            pass
+        stop_node(proc)  # SIGTERM (--block: ray start stops what it started), then its session
         log.close()
 
 

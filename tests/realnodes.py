@@ -1,15 +1,17 @@
-"""Run by tests in a fresh interpreter: the collective transport on a multi-node Ray in one process.
+"""Run by tests in a fresh interpreter: the collective transport on a real multi-node Ray.
 
-Every mode starts a head with no CPUs plus two worker nodes on 127.0.0.1 (multinode.start_cluster)
-and prints one JSON line:
+The cluster (benchmarks.localcluster: a head with no CPUs and two 1-CPU nodes, each a
+`ray start --block` on 127.0.0.1) is the test's; this script joins it with the token in
+RAY_AUTH_TOKEN and prints one JSON line:
 
-    equal WORKERS        every case of CASES over actor calls and over the collective transport
-                         (WORKERS / 2 CPUs per node, one per worker)
-    kill                 worker 1 SIGKILLed in the middle of a round (it sleeps in step 5)
-    hang                 worker 0 SIGSTOPped: its peer times out, the driver replaces it
-    node_loss            the node of worker 1 removed after step 2 and a fresh node added
+    equal CLUSTER WORKERS  every case of CASES over actor calls and over the collective transport
+                           (2 / WORKERS CPUs per worker)
+    kill CLUSTER           worker 1 SIGKILLed in the middle of a round (it sleeps in step 5)
+    hang CLUSTER           worker 0 SIGSTOPped: its peer times out, the driver replaces it
+    node_loss CLUSTER      the node of worker 1 killed after step 2 and a fresh node started
 
-Weights go out as the hex of their bytes, so the test compares bits.
+CLUSTER is JSON: {"address", "tmp", "cpus", "nodes": {node manager port: process group}}; a node
+this script starts it also stops. Weights go out as the hex of their bytes, so the test compares bits.
 """
 
 import json
@@ -22,10 +24,11 @@ import time
 
 import ray
 
-from distmlp import config, data, trainer, transport
+from benchmarks.localcluster import start_node, stop_node
+from distmlp import config, connect, data, trainer, transport
 from distmlp.worker import ShardWorker
 from hooks import AtStep, alive, kill
-from multinode import note_recovery, replace_node, start_cluster
+from multinode import note_recovery
 
 CASES = {"minibatch": ["optimizer.name='minibatch'", "run.steps=12"],
          "gd": ["optimizer.name='gd'", "run.steps=4"],
@@ -35,7 +38,7 @@ CASES = {"minibatch": ["optimizer.name='minibatch'", "run.steps=12"],
 def job_for(case, workers, transport_name, *more):
     return config.load_job(None, [*CASES[case], "optimizer.lr=0.1", "run.seed=3", "run.eval_every=4",
                                   f"cluster.workers={workers}", f"cluster.transport='{transport_name}'",
-                                  "cluster.cpus_per_worker=1", *more])
+                                  f"cluster.cpus_per_worker={2 / workers:g}", *more])
 
 
 class Losses(trainer.Hook):
@@ -62,8 +65,8 @@ def train(job, source, hooks=(), worker_cls=None):
         backend.close()
 
 
-def equal(workers):
-    cluster, _ = start_cluster(cpus=workers // 2)
+def equal(cluster, workers):
+    connect.connect(cluster["address"])
     try:
         source = data.resolve("mnist-sample")
         out = {}
@@ -78,7 +81,6 @@ def equal(workers):
         print(json.dumps(out))
     finally:
         ray.shutdown()
-        cluster.shutdown()
 
 
 class SlowAtStep(ShardWorker):
@@ -107,15 +109,28 @@ class Warnings(logging.Handler):
         self.seen.append(record.getMessage())
 
 
-def faults(mode):
-    cluster, _ = start_cluster()
+def replace_node(cluster, rank, events, started):
+    """Action: SIGKILL the process group of the node hosting worker rank and start a fresh node."""
+    def action(backend):
+        node_id = backend.group.worker_info[rank]["node_id"]
+        port = next(n["NodeManagerPort"] for n in ray.nodes() if n["NodeID"] == node_id)
+        events["removed"], events["t_removed"] = node_id, time.perf_counter()
+        os.killpg(cluster["nodes"][str(port)], signal.SIGKILL)
+        proc, port = start_node(cluster["address"], cluster["tmp"], os.environ, cluster["cpus"])
+        started.append(proc)
+        events["added"] = next(n["NodeID"] for n in ray.nodes() if n["NodeManagerPort"] == port and n["Alive"])
+    return action
+
+
+def faults(cluster, mode):
+    connect.connect(cluster["address"])
     warned = Warnings()
     logging.getLogger("distmlp").addHandler(warned)
+    events, killed, started = {}, [], []
     try:
         source = data.resolve("mnist-sample")
         out = {"clean": train(job_for("minibatch", 2, "actors", "run.steps=8"), source)[0]}
         job = job_for("minibatch", 2, "collective", "run.steps=8", "cluster.step_timeout_s=5")
-        events, killed = {}, []
         t0 = time.perf_counter()
         if mode == "kill":
             # the round after step 2 runs steps 3..8; worker 1 sleeps in step 5 and dies there
@@ -130,18 +145,19 @@ def faults(mode):
                         os.kill(pid, signal.SIGKILL)
             killed = [pid for pid, _ in killed]
         else:
-            out["failed"], backend = train(job, source, [AtStep(2, replace_node(cluster, 1, events)),
+            out["failed"], backend = train(job, source, [AtStep(2, replace_node(cluster, 1, events, started)),
                                                          AtStep(3, note_recovery(events))])
         out.update(events, wall_s=time.perf_counter() - t0, killed=killed, warnings=warned.seen,
                    alive=[alive(pid) for pid in killed])
         print(json.dumps(out))
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        for proc in started:
+            stop_node(proc)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "equal":
-        equal(int(sys.argv[2]))
+        equal(json.loads(sys.argv[2]), int(sys.argv[3]))
     else:
-        faults(sys.argv[1])
+        faults(json.loads(sys.argv[2]), sys.argv[1])
