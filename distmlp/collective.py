@@ -32,13 +32,11 @@ import numpy as np
 import ray
 import ray.experimental.internal_kv as internal_kv
 
-from distmlp import step as contract
-from distmlp.mesh import fingerprint
+from distmlp.rounds import RoundWorker
 
 _HEADER = struct.Struct("<qdqq")  # step, loss sum, count, rank 0: last step of the round (1) or not (0)
 MAX_BROKEN = 10  # failed rounds with no worker lost; after that: actor calls
 _KV_POLL_S = 0.02  # ranks > 0 poll Ray's key-value store this often for rank 0's store address
-OK, NONFINITE, BROKEN = "ok", "nonfinite", "broken"
 
 
 class CollectiveBroken(Exception):
@@ -99,9 +97,9 @@ class Group:
         nbytes = _HEADER.size + n_items * np.dtype(dtype).itemsize
         self.send = np.zeros(nbytes, np.uint8)  # this rank's header and gradient sums
         self.mine = self.send[_HEADER.size:].view(dtype)
-        self.parts = [np.zeros(nbytes, np.uint8) for _ in range(world)]  # every rank's, after the allgather
-        self.grads = [part[_HEADER.size:].view(dtype) for part in self.parts]
-        self.tensors = [torch.from_numpy(part) for part in self.parts]  # the same memory
+        self.received = [np.zeros(nbytes, np.uint8) for _ in range(world)]  # every rank's, after the allgather
+        self.grads = [part[_HEADER.size:].view(dtype) for part in self.received]
+        self.tensors = [torch.from_numpy(part) for part in self.received]  # the same memory
         self.send_tensor = torch.from_numpy(self.send)
 
     def exchange(self, step, header):
@@ -112,11 +110,19 @@ class Group:
             self.collective.allgather(self.tensors, self.send_tensor, self.name)
         except Exception as e:  # gloo raises RuntimeError subclasses naming the lost peer or the timeout
             raise CollectiveBroken(f"allgather of step {step + 1} failed: {str(e).strip().splitlines()[0]}") from None
-        headers = [_HEADER.unpack_from(part) for part in self.parts]
+        headers = [_HEADER.unpack_from(part) for part in self.received]
         for rank, h in enumerate(headers):
             if h[0] != step:
                 raise CollectiveBroken(f"worker {rank} sent step {h[0] + 1} during step {step + 1}")
         return headers
+
+    def buffer(self, step):
+        """Where this rank writes step's gradient sums (sent by the next exchange)."""
+        return self.mine
+
+    def parts(self, step, headers):
+        """[(rank, sums, loss sum, count)] of step for the ranks with rows, in rank order."""
+        return [(rank, self.grads[rank], h[1], h[2]) for rank, h in enumerate(headers) if h[2]]
 
     def close(self):
         """Leave the group: Ray's group and the process group under it (with rank 0's store)."""
@@ -137,63 +143,23 @@ def _await_address(key, timeout):
     return host, int(port)
 
 
-class CollectiveWorker:
-    """The collective side of one ShardWorker: its group and the round loop."""
+class CollectiveWorker(RoundWorker):
+    """The collective side of one ShardWorker: its group (the round loop is rounds.RoundWorker's)."""
+
+    join_errors, broken = (ImportError, CollectiveBroken), CollectiveBroken
 
     def __init__(self, worker):
-        self.worker = worker
+        super().__init__(worker)
         self.group = None
 
-    def _join(self, r, n_items, dtype):
-        if self.group is not None and self.group.name == r["group"]:
-            return
-        self.leave()
-        self.group = Group(r["group"], self.worker.rank, r["workers"], n_items, dtype, r["timeout"])
+    def join(self, r, n_items, dtype):
+        if self.group is None or self.group.name != r["group"]:
+            self.drop()
+            self.group = Group(r["group"], self.worker.rank, r["workers"], n_items, dtype, r["timeout"])
+        return self.group
 
-    def leave(self):
+    def drop(self):
         if self.group is not None:
             self.group.close()
             self.group = None
 
-    def run(self, start, request):
-        """Run steps [first, stop) from start = (params, opt_state); a dict for the driver
-        (the same fields as mesh.MeshWorker.run's)."""
-        r, w = request, self.worker
-        params, opt_state = start
-        weights = contract.FlatWeights(params, opt_state, r["momentum"])
-        try:
-            self._join(r, weights.total.size, weights.total.dtype)
-        except (ImportError, CollectiveBroken) as e:
-            return {"status": BROKEN, "steps": [], "detail": str(e), "step": r["first"]}
-        group, sampler = self.group, r["sampler"]
-        records, status, detail, nonfinite = [], OK, None, None
-        round_end = time.perf_counter() + r["round_s"]
-        step = r["first"]
-        while step < r["stop"]:
-            t0 = time.perf_counter()
-            local = contract.local_rows(sampler.batch(step), w.train_range)
-            count, loss_sum, compute_s = 0, 0.0, 0.0
-            if local is None or len(local):
-                _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
-                contract.flatten(grads, weights.names, out=group.mine)
-            last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
-            try:
-                headers = group.exchange(step, (loss_sum, count, last))
-            except CollectiveBroken as e:
-                status, detail = BROKEN, str(e)
-                self.leave()
-                break
-            parts = [(rank, group.grads[rank], h[1], h[2]) for rank, h in enumerate(headers) if h[2]]
-            total_loss, total_count, cause = contract.apply_step(weights, parts, r["lr"])
-            if cause is not None:  # not applied: every worker stops here, the loop applies its policy
-                status, nonfinite = NONFINITE, (total_loss, total_count, *cause)
-                break
-            records.append((total_loss, total_count, compute_s, time.perf_counter() - t0))
-            step += 1
-            if headers[0][3]:
-                break
-        out = {"status": status, "step": step, "detail": detail, "steps": records, "nonfinite": nonfinite,
-               "fingerprint": fingerprint(weights.current())}
-        if w.rank == 0:
-            out["params"], out["opt_state"] = weights.state()
-        return out

@@ -27,7 +27,6 @@ read straight from the peer's shared-memory slot (double-buffered by step parity
 only reach step s+1 once every peer has finished reading step s-1's slots).
 """
 
-import functools
 import os
 import select
 import shutil
@@ -39,13 +38,12 @@ import time
 
 import numpy as np
 
-from distmlp import step as contract
 from distmlp.fsutil import check_private_dir
+from distmlp.rounds import RoundWorker
 
 SPIN_S = 0.0005  # polling before sleeping, per receive (0.3-1 ms measured alike)
 MAX_MESH_FAILURES = 10  # abandoned rounds with no worker lost; after that: actor calls
 _HEADER = struct.Struct("<qdqq")  # step, loss sum, count, rank 0: last step of the round (1) or not (0)
-OK, NONFINITE, BROKEN = "ok", "nonfinite", "broken"
 
 
 class MeshBroken(Exception):
@@ -119,6 +117,14 @@ class Peers:
             if headers[peer][0] != step:
                 raise MeshBroken(step, peer, f"answered for step {headers[peer][0] + 1}")
         return headers
+
+    def buffer(self, step):
+        """This worker's slot for step's gradient sums (double-buffered by step parity)."""
+        return self.mine[step % 2]
+
+    def parts(self, step, headers):
+        """[(rank, slot, loss sum, count)] of step for the ranks with rows, in rank order."""
+        return [(rank, self.slots[rank][step % 2], h[1], h[2]) for rank, h in sorted(headers.items()) if h[2]]
 
     def close(self):
         for sock in self.socks.values():
@@ -199,78 +205,25 @@ def _recv_exactly(sock, n, step, peer, timeout, spin_s=0.0):
     return bytes(buf)
 
 
-class MeshWorker:
-    """The mesh side of one ShardWorker: its peers and the round loop."""
+class MeshWorker(RoundWorker):
+    """The mesh side of one ShardWorker: its peers (the round loop is rounds.RoundWorker's)."""
+
+    join_errors, broken, join_prefix = (OSError, MeshBroken), MeshBroken, "cannot connect: "
 
     def __init__(self, worker):
-        self.worker = worker
+        super().__init__(worker)
         self.peers = None
 
-    def _connect(self, r, n_items, dtype):
-        if self.peers is not None and self.peers.gen == r["gen"]:
-            return
+    def join(self, r, n_items, dtype):
+        if self.peers is None or self.peers.gen != r["gen"]:
+            self.drop()
+            self.peers = Peers(r["dir"], r["gen"], self.worker.rank, r["workers"], n_items, dtype, r["timeout"])
+        return self.peers
+
+    def drop(self):
         if self.peers is not None:
             self.peers.close()
             self.peers = None
-        self.peers = Peers(r["dir"], r["gen"], self.worker.rank, r["workers"], n_items, dtype, r["timeout"])
-
-    def run(self, start, request):
-        """Run steps [first, stop) from start = (params, opt_state); a dict for the driver."""
-        r, w = request, self.worker
-        params, opt_state = start
-        weights = contract.FlatWeights(params, opt_state, r["momentum"])
-        try:
-            self._connect(r, weights.total.size, weights.total.dtype)
-        except (OSError, MeshBroken) as e:
-            return {"status": BROKEN, "steps": [], "detail": f"cannot connect: {e}", "step": r["first"]}
-        peers, sampler = self.peers, r["sampler"]
-        records, status, detail, nonfinite = [], OK, None, None
-        round_end = time.perf_counter() + r["round_s"]
-        step = r["first"]
-        while step < r["stop"]:
-            t0 = time.perf_counter()
-            local = contract.local_rows(sampler.batch(step), w.train_range)
-            count, loss_sum, compute_s = 0, 0.0, 0.0
-            parity = step % 2
-            if local is None or len(local):
-                _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
-                contract.flatten(grads, weights.names, out=peers.mine[parity])
-            last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
-            try:
-                headers = peers.exchange(step, (loss_sum, count, last))
-            except MeshBroken as e:
-                status, detail = BROKEN, str(e)
-                self.peers.close()
-                self.peers = None
-                break
-            parts = [(rank, peers.slots[rank][parity], headers[rank][1], headers[rank][2])
-                     for rank in sorted(headers) if headers[rank][2]]
-            total_loss, total_count, cause = contract.apply_step(weights, parts, r["lr"])
-            if cause is not None:  # not applied: every worker stops here, the loop applies its policy
-                status, nonfinite = NONFINITE, (total_loss, total_count, *cause)
-                break
-            records.append((total_loss, total_count, compute_s, time.perf_counter() - t0))
-            step += 1
-            if headers[0][3]:
-                break
-        out = {"status": status, "step": step, "detail": detail, "steps": records, "nonfinite": nonfinite,
-               "fingerprint": fingerprint(weights.current())}
-        if w.rank == 0:
-            out["params"], out["opt_state"] = weights.state()
-        return out
-
-
-def fingerprint(params):
-    """64-bit linear hash of the weights' bits: a different bit anywhere changes it."""
-    blob = b"".join(np.ascontiguousarray(params[name]).tobytes() for name in sorted(params))
-    words = np.frombuffer(blob + b"\0" * (-len(blob) % 8), np.uint64)
-    return int(np.dot(words, _multipliers(len(words))))  # integer dot: wraps modulo 2**64
-
-
-@functools.cache
-def _multipliers(n):
-    """n fixed odd 64-bit constants (the same in every process)."""
-    return np.random.default_rng(0x5EED).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
 
 
 def eligible(group, here):

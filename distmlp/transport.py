@@ -26,7 +26,7 @@ import uuid
 import numpy as np
 import ray
 
-from distmlp import collective, mesh, mlp, step, trainer, worker
+from distmlp import collective, mesh, mlp, rounds, step, trainer, worker
 from distmlp.connect import ClusterError
 from distmlp.group import WorkerGroup
 
@@ -133,14 +133,14 @@ class MeshTransport:
             replies, failed = g.call_once(calls, trainer.ROUND_S + 2 * g.timeout + 5)
             if not failed:
                 break
-            steps = [r["step"] for r in replies.values() if r["status"] == mesh.BROKEN]
+            steps = [r["step"] for r in replies.values() if r["status"] == rounds.BROKEN]
             g.replace(failed, f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}")
             self._next_generation()
         wall = time.perf_counter() - t0
-        if any(r["status"] == mesh.BROKEN for r in replies.values()):  # no worker lost: a socket problem
+        if any(r["status"] == rounds.BROKEN for r in replies.values()):  # no worker lost: a socket problem
             self.broken += 1
             self._next_generation()
-            detail = next(r["detail"] for r in replies.values() if r["status"] == mesh.BROKEN)
+            detail = next(r["detail"] for r in replies.values() if r["status"] == rounds.BROKEN)
             log.warning("worker mesh failed (%s); steps from %d go over actor calls", detail, first + 1)
             return self.actors.run_steps(state, stop, plan)
         return round_of(g, replies, wall, first)
@@ -186,11 +186,11 @@ class CollectiveTransport:
             replies, failed = g.call_once(calls, trainer.ROUND_S + 3 * g.timeout + 5)
             if not failed:
                 break
-            steps = [r["step"] for r in replies.values() if r["status"] == collective.BROKEN]
+            steps = [r["step"] for r in replies.values() if r["status"] == rounds.BROKEN]
             g.replace(failed, f"step {min(steps) + 1}" if steps else f"steps {first + 1}-{stop}")
             self.gen += 1
         wall = time.perf_counter() - t0
-        broken = [r["detail"] for r in replies.values() if r["status"] == collective.BROKEN]
+        broken = [r["detail"] for r in replies.values() if r["status"] == rounds.BROKEN]
         if broken:  # no worker lost: the group itself failed; this round goes over actor calls
             self.broken += 1
             self.gen += 1
