@@ -57,16 +57,46 @@ class NumbaKernel(NumpyKernel):
         super().__init__(dtype, chunk_rows)
         self.compiled = _compiled()
         self.table = mlp.scale_pixels(np.arange(256, dtype=np.uint8), self.dtype)  # pixel -> its scaled value
-        self.flat = None  # the weights, flattened for the compiled loop
+        self.flat, self.sizes = None, None  # the weights flattened for the compiled loop; the layer widths
+        self.bases = {}  # id(params dict) -> (the dict, the flat array its arrays are views of, or None)
 
     def grad_sums(self, params, x_uint8, labels, rows, out):
         if rows is None:
             return super().grad_sums(params, x_uint8, labels, rows, out)
         if self.flat is None or self.flat.shape != out.shape:
             self.flat = np.empty_like(out)
-        step.flatten(params, mlp.param_names(len(params) // 2), out=self.flat)
-        sizes = np.array(mlp.layer_sizes(params), np.int64)
-        return self.compiled(self.flat, sizes, self.table, x_uint8, labels, rows, out), len(rows)
+            self.sizes = np.array(mlp.layer_sizes(params), np.int64)
+            self.bases.clear()
+        flat = self._flat_base(params)
+        if flat is None:
+            flat = step.flatten(params, mlp.param_names(len(params) // 2), out=self.flat)
+        return self.compiled(flat, self.sizes, self.table, x_uint8, labels, rows, out), len(rows)
+
+    def _flat_base(self, params):
+        """flat_base(params), looked up once per params dict (step.FlatWeights hands out the same
+        two dicts of views step after step)."""
+        known = self.bases.get(id(params))
+        if known is None or known[0] is not params:
+            if len(self.bases) > 8:
+                self.bases.clear()
+            known = self.bases[id(params)] = (params, flat_base(params, self.flat.size))
+        return known[1]
+
+
+def flat_base(params, size):
+    """The one flat array that params' arrays are consecutive views of in param_names order
+    (step.FlatWeights holds the weights so), else None; then it is what step.flatten would make."""
+    first = params["W1"]
+    base = first.base
+    if not isinstance(base, np.ndarray) or base.ndim != 1 or base.size != size or base.dtype != first.dtype or not base.flags.c_contiguous:
+        return None
+    at = base.ctypes.data
+    for name in mlp.param_names(len(params) // 2):
+        a = params[name]
+        if a.base is not base or a.ctypes.data != at or not a.flags.c_contiguous:
+            return None
+        at += a.nbytes
+    return base
 
 
 def _compiled():

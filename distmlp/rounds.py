@@ -11,6 +11,8 @@ mesh's shared memory (mesh.Peers) or Ray's allgather (collective.Group); it has
     exchange(step, header)    every worker's header (step, loss sum, count, last) by rank
     parts(step, headers)      [(rank, sums, loss sum, count)] of the ranks with rows, rank order
 
+Where the run evaluates (request["eval_every"], ["steps"]: trainer.evaluation_due), every worker
+evaluates its shard of the held-out split on the weights it holds, inside the round.
 A round ends after request["stop"], after rank 0 has run round_s seconds (it says so in the
 header of the step, so all stop after the same step), at a step whose sum or update is not
 finite (not applied; the training loop applies its policy), or when the link breaks.
@@ -22,6 +24,7 @@ import time
 import numpy as np
 
 from distmlp import step as contract
+from distmlp.trainer import evaluation_due
 
 OK, NONFINITE, BROKEN = "ok", "nonfinite", "broken"
 
@@ -54,7 +57,7 @@ class RoundWorker:
         except self.join_errors as e:
             return {"status": BROKEN, "steps": [], "detail": f"{self.join_prefix}{e}", "step": r["first"]}
         sampler = r["sampler"]
-        records, status, detail, nonfinite = [], OK, None, None
+        records, status, detail, nonfinite, evals, eval_s = [], OK, None, None, [], 0.0
         round_end = time.perf_counter() + r["round_s"]
         step = r["first"]
         while step < r["stop"]:
@@ -77,10 +80,14 @@ class RoundWorker:
                 break
             records.append((total_loss, total_count, compute_s, time.perf_counter() - t0))
             step += 1
+            if evaluation_due(step, r["eval_every"], r["steps"]):
+                t0 = time.perf_counter()
+                evals.append((step, *w.evaluate(weights.current())))
+                eval_s += time.perf_counter() - t0
             if headers[0][3]:
                 break
         out = {"status": status, "step": step, "detail": detail, "steps": records, "nonfinite": nonfinite,
-               "fingerprint": fingerprint(weights.current())}
+               "evals": evals, "eval_s": eval_s, "fingerprint": fingerprint(weights.current())}
         if w.rank == 0:
             out["params"], out["opt_state"] = weights.state()
         return out

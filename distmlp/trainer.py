@@ -2,8 +2,10 @@
 
 A backend runs rounds of steps: `run_steps(state, stop, plan)` computes steps state.step.. (up
 to stop, maybe fewer) by the contract in distmlp.step and returns a Round of typed step
-records and the weights after its last step. The loop turns records into metrics, evaluates,
-applies the divergence policy and calls the hooks; it has no other path. LocalBackend here
+records and the weights after its last step, with the evaluations due inside it (a backend
+evaluates the weights where they are, so a round need not end for an evaluation). The loop
+turns records into metrics, applies the divergence policy and calls the hooks; it has no other
+path. LocalBackend here
 holds the whole data set in this process and is the reference distributed runs are tested
 against; the Ray transports are in distmlp.transport.
 """
@@ -43,6 +45,18 @@ class Plan:
     sampler: Sampler
     lr: float
     momentum: float
+    eval_every: int = 0  # evaluate after every eval_every-th step (0: only after the last)
+    steps: int = 0  # the run's last step (always evaluated)
+
+    def evaluates(self, done):
+        """Whether the held-out split is evaluated after `done` steps."""
+        return evaluation_due(done, self.eval_every, self.steps)
+
+
+def evaluation_due(done, eval_every, steps):
+    """Whether a run of `steps` steps evaluating every `eval_every` evaluates after `done` steps;
+    workers running rounds themselves (distmlp.rounds) ask the same."""
+    return done == steps or bool(eval_every) and done % eval_every == 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class Round:
     params: dict  # the weights after the last applied step
     opt_state: dict
     nonfinite: NonFinite | None = None
+    evals: dict = field(default_factory=dict)  # {steps done: (correct, loss sum, count)} due in the round
 
 
 class Hook:
@@ -115,50 +130,51 @@ def train(job, backend, state=None, hooks=()):
     """Run job on backend from state (a fresh start when None); returns the final TrainState."""
     state = state or initial_state(job)
     sampler = make_sampler(job, backend.n_train)
-    plan = Plan(sampler, job.optimizer.learning_rate, job.optimizer.momentum)
     steps = total_steps(job, sampler)
+    plan = Plan(sampler, job.optimizer.learning_rate, job.optimizer.momentum, job.run.eval_every or 0, steps)
     info = {"steps": steps, "steps_per_epoch": sampler.steps_per_epoch, "workers": backend.workers,
             "n_train": backend.n_train, "n_test": backend.n_test}
     for hook in hooks:
         hook.on_start(state, info)
     while state.step < steps:
-        done = backend.run_steps(state, next_stop(state.step, steps, job.run.eval_every, hooks), plan)
+        done = backend.run_steps(state, next_stop(state.step, steps, hooks), plan)
         state.params, state.opt_state = done.params, done.opt_state
         for rec in done.steps:
             state.nonfinite_streak = 0
-            _record(job, backend, state, rec, sampler, steps, hooks)
+            _record(job, plan, state, rec, done.evals, hooks)
         if done.nonfinite is not None:
             _skip_or_stop(job, state, done.nonfinite)
             bad = done.nonfinite
-            _record(job, backend, state, StepRecord(bad.loss_sum, bad.count, 0.0, 0.0), sampler, steps, hooks)
+            # the round ended at the skipped step, so state.params are the weights to evaluate there
+            evals = {state.step + 1: backend.evaluate(state.params)} if plan.evaluates(state.step + 1) else {}
+            _record(job, plan, state, StepRecord(bad.loss_sum, bad.count, 0.0, 0.0), evals, hooks)
     for hook in hooks:
         hook.on_end(state, state.metrics)
     return state
 
 
-def _record(job, backend, state, rec, sampler, steps, hooks):
-    """Count one step done, evaluate when due, and hand its record to the hooks."""
+def _record(job, plan, state, rec, evals, hooks):
+    """Count one step done, add its evaluation when due, and hand its record to the hooks."""
     state.step += 1
     state.samples_seen += rec.count
-    record = {"step": state.step, "epoch": state.step / sampler.steps_per_epoch,
+    record = {"step": state.step, "epoch": state.step / plan.sampler.steps_per_epoch,
               "samples_seen": state.samples_seen, "train_loss": rec.loss_sum / rec.count,
               "lr": job.optimizer.learning_rate, "step_s": rec.step_s, "compute_s": rec.compute_s,
               "comm_s": max(rec.step_s - rec.compute_s, 0.0)}
-    eval_every = job.run.eval_every
-    if (eval_every and state.step % eval_every == 0) or state.step == steps:
-        correct, loss_sum, n = backend.evaluate(state.params)
+    if plan.evaluates(state.step):
+        if state.step not in evals:
+            raise RuntimeError(f"the backend did not evaluate the weights after step {state.step}")
+        correct, loss_sum, n = evals[state.step]
         record.update(test_loss=loss_sum / n, test_accuracy=correct / n)
     state.metrics = record
     for hook in hooks:
         hook.on_step(state, record)
 
 
-def next_stop(step, steps, eval_every, hooks):
-    """The first step after `step` at which the loop needs the weights: evaluation, the end, or a
-    hook's next_stop(step) (checkpoints; test hooks acting between steps)."""
+def next_stop(step, steps, hooks):
+    """The first step after `step` at which the loop needs the weights: the end, or a hook's
+    next_stop(step) (checkpoints; test hooks acting between steps)."""
     stops = [steps]
-    if eval_every:
-        stops.append((step // eval_every + 1) * eval_every)
     stops += [at for hook in hooks if (at := hook.next_stop(step)) is not None]
     return min(stops)
 
@@ -174,13 +190,13 @@ def _skip_or_stop(job, state, bad):
     raise DivergenceError(f"non-finite {what} at step {state.step + 1}{streak}")
 
 
-def run_round(state, stop, plan, compute):
+def run_round(state, stop, plan, compute, evaluate):
     """Steps state.step.. up to stop (or until ROUND_S has passed) in one process, each by
     compute(step, params) -> ([(rank, flat gradient sums, loss sum, count)], compute seconds,
-    {rank: worker description}); a Round. The driver side of the actor transport and the
-    single-process backend both run their steps here."""
+    {rank: worker description}), evaluating by evaluate(params) where plan says; a Round. The
+    driver side of the actor transport and the single-process backend both run their steps here."""
     weights = step.FlatWeights(state.params, state.opt_state, plan.momentum)
-    records, nonfinite = [], None
+    records, nonfinite, evals = [], None, {}
     round_end = time.perf_counter() + ROUND_S
     for at in range(state.step, stop):
         t0 = time.perf_counter()
@@ -191,10 +207,12 @@ def run_round(state, stop, plan, compute):
             nonfinite = NonFinite(loss_sum, count, what, workers.get(rank))
             break
         records.append(StepRecord(loss_sum, count, compute_s, time.perf_counter() - t0))
+        if plan.evaluates(at + 1):
+            evals[at + 1] = evaluate(weights.current())
         if time.perf_counter() >= round_end:
             break
     params, opt_state = weights.state()
-    return Round(records, params, opt_state, nonfinite)
+    return Round(records, params, opt_state, nonfinite, evals)
 
 
 class LocalBackend:
@@ -221,8 +239,10 @@ class LocalBackend:
         def compute(at, params):
             t0 = time.perf_counter()
             grads, loss_sum, count = self.grad_sums(params, plan.sampler.batch(at), at)
-            return [(0, step.flatten(grads, names), loss_sum, count)], time.perf_counter() - t0, {}
-        return run_round(state, stop, plan, compute)
+            # the kernel's sums are views of its flat array already (unless a subclass made new ones)
+            flat = self.kernel.out if grads is self.kernel.views else step.flatten(grads, names)
+            return [(0, flat, loss_sum, count)], time.perf_counter() - t0, {}
+        return run_round(state, stop, plan, compute, self.evaluate)
 
     def evaluate(self, params):
         return self.held_out.evaluate(params)

@@ -96,7 +96,7 @@ class ActorTransport:
                 compute_s = max(compute_s, seconds)
             who = {rank: f"{rank} (pid {g.worker_info[rank]['pid']})" for rank in results}
             return parts, compute_s, who
-        return trainer.run_round(state, stop, plan, compute)
+        return trainer.run_round(state, stop, plan, compute, self.evaluate)
 
     def evaluate(self, params):
         return evaluate(self.group, params)
@@ -124,7 +124,8 @@ class MeshTransport:
         while True:
             request = {"gen": self.gen, "dir": self.dir, "workers": g.workers, "first": first, "stop": stop,
                        "sampler": plan.sampler, "lr": plan.lr, "momentum": plan.momentum,
-                       "timeout": g.timeout, "round_s": trainer.ROUND_S}
+                       "timeout": g.timeout, "round_s": trainer.ROUND_S,
+                       "eval_every": plan.eval_every, "steps": plan.steps}
             t0 = time.perf_counter()
             calls = {rank: ("mesh_run", (start_ref, request)) for rank in range(g.workers)}
             # a healthy round can run two steps of up to the step timeout past ROUND_S: rank 0
@@ -178,7 +179,8 @@ class CollectiveTransport:
         while True:
             request = {"group": f"distmlp-{self.run_id}-{self.gen}", "workers": g.workers, "first": first,
                        "stop": stop, "sampler": plan.sampler, "lr": plan.lr, "momentum": plan.momentum,
-                       "timeout": g.timeout, "round_s": trainer.ROUND_S}
+                       "timeout": g.timeout, "round_s": trainer.ROUND_S,
+                       "eval_every": plan.eval_every, "steps": plan.steps}
             t0 = time.perf_counter()
             calls = {rank: ("collective_run", (start_ref, request)) for rank in range(g.workers)}
             # forming a group may take the step timeout, and a healthy round can run two steps of
@@ -216,7 +218,8 @@ def round_of(g, replies, wall, first):
     lead = replies[0]
     # a step takes as long as its slowest worker; the round's own overhead is spread over its steps
     slowest = [max(r["steps"][i][3] for r in replies.values()) for i in range(n)]
-    overhead = max(wall - sum(slowest), 0.0) / max(n, 1)
+    evaluating = max(r["eval_s"] for r in replies.values())  # not a step's time
+    overhead = max(wall - sum(slowest) - evaluating, 0.0) / max(n, 1)
     records = [trainer.StepRecord(loss_sum, count, max(r["steps"][i][2] for r in replies.values()),
                                   slowest[i] + overhead)
                for i, (loss_sum, count, _, _) in enumerate(lead["steps"])]
@@ -225,4 +228,10 @@ def round_of(g, replies, wall, first):
         loss_sum, count, what, rank = lead["nonfinite"]
         who = None if rank is None else f"{rank} (pid {g.worker_info[rank]['pid']})"
         nonfinite = trainer.NonFinite(loss_sum, count, what, who)
-    return trainer.Round(records, lead["params"], lead["opt_state"], nonfinite)
+    # every worker evaluated its shard of the held-out split after the same steps: summed as evaluate() does
+    ranks = sorted(replies)
+    evals = {done: (sum(replies[rank]["evals"][i][1] for rank in ranks),
+                    sum(replies[rank]["evals"][i][2] for rank in ranks),
+                    sum(replies[rank]["evals"][i][3] for rank in ranks))
+             for i, (done, *_) in enumerate(lead["evals"])}
+    return trainer.Round(records, lead["params"], lead["opt_state"], nonfinite, evals)
