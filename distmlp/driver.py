@@ -57,6 +57,7 @@ class OneThread:
         return self.inner.evaluate(params)
 
     def close(self):
+        self.inner.close()
         self.limit.restore_original_limits()
 
 

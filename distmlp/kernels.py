@@ -51,6 +51,16 @@ class NumpyKernel:
         loss_sum, count = self.grad_sums(params, x_uint8, labels, rows, self.out)
         return self.views, loss_sum, count
 
+    def flat_sums(self, grads, names, out=None):
+        """grads as one flat array in names order (into out if given): keyed_grad_sums' views
+        are of one already (copied whole), any other dict is flattened (step.flatten)."""
+        if grads is not self.views:
+            return step.flatten(grads, names, out=out)
+        if out is None:
+            return self.out
+        np.copyto(out, self.out)
+        return out
+
 
 class NumbaKernel(NumpyKernel):
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):

@@ -66,7 +66,7 @@ class RoundWorker:
             count, loss_sum, compute_s = 0, 0.0, 0.0
             if local is None or len(local):
                 _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
-                contract.flatten(grads, weights.names, out=link.buffer(step))
+                w.kernel.flat_sums(grads, weights.names, out=link.buffer(step))
             last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
             try:
                 headers = link.exchange(step, (loss_sum, count, last))

@@ -11,6 +11,7 @@ against; the Ray transports are in distmlp.transport.
 """
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,7 +195,8 @@ def run_round(state, stop, plan, compute, evaluate):
     """Steps state.step.. up to stop (or until ROUND_S has passed) in one process, each by
     compute(step, params) -> ([(rank, flat gradient sums, loss sum, count)], compute seconds,
     {rank: worker description}), evaluating by evaluate(params) where plan says; a Round. The
-    driver side of the actor transport and the single-process backend both run their steps here."""
+    driver side of the actor transport and the single-process backend both run their steps here.
+    evaluate may return a concurrent.futures.Future; the round waits for it at its end."""
     weights = step.FlatWeights(state.params, state.opt_state, plan.momentum)
     records, nonfinite, evals = [], None, {}
     round_end = time.perf_counter() + ROUND_S
@@ -212,6 +214,7 @@ def run_round(state, stop, plan, compute, evaluate):
         if time.perf_counter() >= round_end:
             break
     params, opt_state = weights.state()
+    evals = {done: e.result() if isinstance(e, Future) else e for done, e in evals.items()}
     return Round(records, params, opt_state, nonfinite, evals)
 
 
@@ -227,6 +230,7 @@ class LocalBackend:
         self.test_x, self.test_y = data.load_rows(source.test)
         self.n_train, self.n_test = len(self.train_y), len(self.test_y)
         self.held_out = mlp.HeldOut(self.test_x, self.test_y, self.dtype)
+        self._evaluator = None  # the thread evaluate_later runs in, started on first use
 
     def grad_sums(self, params, batch, step_index):
         """(gradient sums keyed like params, loss sum, count) over batch (None: every row); the
@@ -239,13 +243,21 @@ class LocalBackend:
         def compute(at, params):
             t0 = time.perf_counter()
             grads, loss_sum, count = self.grad_sums(params, plan.sampler.batch(at), at)
-            # the kernel's sums are views of its flat array already (unless a subclass made new ones)
-            flat = self.kernel.out if grads is self.kernel.views else step.flatten(grads, names)
-            return [(0, flat, loss_sum, count)], time.perf_counter() - t0, {}
-        return run_round(state, stop, plan, compute, self.evaluate)
+            return [(0, self.kernel.flat_sums(grads, names), loss_sum, count)], time.perf_counter() - t0, {}
+        return run_round(state, stop, plan, compute, self.evaluate_later)
 
     def evaluate(self, params):
         return self.held_out.evaluate(params)
 
+    def evaluate_later(self, params):
+        """evaluate(a copy of params) in a thread of its own, a Future: BLAS lets go of the GIL,
+        so the evaluation runs beside the next steps, on the core the steps leave idle. The same
+        function on the same bits: the result does not depend on when it runs."""
+        if self._evaluator is None:
+            self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="distmlp-evaluate")
+        return self._evaluator.submit(self.evaluate, {name: a.copy() for name, a in params.items()})
+
     def close(self):
-        pass
+        if self._evaluator is not None:
+            self._evaluator.shutdown()
+            self._evaluator = None
