@@ -6,6 +6,10 @@ numba. Compiled on first call for each (dtype, index type) and cached on disk (c
 next to this file, or in the user's cache directory or NUMBA_CACHE_DIR where the package is
 not writable), so worker processes load the machine code instead of compiling it again.
 
+Rows go through the layers four at a time (the remainder one by one): each weight read from
+cache serves four rows in the forward pass, and each gradient entry is read and written once per
+four rows in the backward pass, which took a batch of 32 from about 130 to 80 us here.
+
 The fastmath flags allow reassociation (so the dot products vectorize) and contraction into
 fused multiply-adds, but not the assumption that values are finite: a NaN or an overflow still
 reaches the loss and gradient, where the divergence check sees it.
@@ -43,7 +47,42 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
         n_in, n_out = sizes[i], sizes[i + 1]
         w = flat[offsets[i]:offsets[i] + n_out * n_in].reshape((n_out, n_in))
         b = flat[offsets[i] + n_out * n_in:offsets[i + 1]]
-        for r in range(batch):
+        r = 0
+        while r + 4 <= batch:
+            if i == 0:
+                a0, a1, a2, a3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+            else:
+                a0, a1, a2, a3 = acts[i - 1, r, :n_in], acts[i - 1, r + 1, :n_in], acts[i - 1, r + 2, :n_in], acts[i - 1, r + 3, :n_in]
+            for o in range(n_out):
+                s0 = zero
+                s1 = zero
+                s2 = zero
+                s3 = zero
+                for j in range(n_in):
+                    wj = w[o, j]
+                    s0 += a0[j] * wj
+                    s1 += a1[j] * wj
+                    s2 += a2[j] * wj
+                    s3 += a3[j] * wj
+                s0 += b[o]
+                s1 += b[o]
+                s2 += b[o]
+                s3 += b[o]
+                if i < n_layers - 1:  # ReLU by comparison, so a NaN stays NaN
+                    if s0 < zero:
+                        s0 = zero
+                    if s1 < zero:
+                        s1 = zero
+                    if s2 < zero:
+                        s2 = zero
+                    if s3 < zero:
+                        s3 = zero
+                acts[i, r, o] = s0
+                acts[i, r + 1, o] = s1
+                acts[i, r + 2, o] = s2
+                acts[i, r + 3, o] = s3
+            r += 4
+        while r < batch:
             a = x[r] if i == 0 else acts[i - 1, r, :n_in]
             for o in range(n_out):
                 s = zero
@@ -53,6 +92,7 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
                 if i < n_layers - 1 and s < zero:
                     s = zero
                 acts[i, r, o] = s
+            r += 1
     n_classes = sizes[n_layers]
     logits = acts[n_layers - 1]
     delta = np.empty((batch, widest), table.dtype)  # dloss/dz of the layer being differentiated
@@ -77,13 +117,27 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
         gw = out[offsets[i]:offsets[i] + n_out * n_in].reshape((n_out, n_in))
         gb = out[offsets[i] + n_out * n_in:offsets[i + 1]]
         w = flat[offsets[i]:offsets[i] + n_out * n_in].reshape((n_out, n_in))
-        for r in range(batch):
+        for o in range(n_out):
+            for r in range(batch):
+                gb[o] += delta[r, o]
+        r = 0
+        while r + 4 <= batch:
+            if i == 0:
+                a0, a1, a2, a3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+            else:
+                a0, a1, a2, a3 = acts[i - 1, r, :n_in], acts[i - 1, r + 1, :n_in], acts[i - 1, r + 2, :n_in], acts[i - 1, r + 3, :n_in]
+            for o in range(n_out):
+                d0, d1, d2, d3 = delta[r, o], delta[r + 1, o], delta[r + 2, o], delta[r + 3, o]
+                for j in range(n_in):
+                    gw[o, j] += d0 * a0[j] + d1 * a1[j] + d2 * a2[j] + d3 * a3[j]
+            r += 4
+        while r < batch:
             a = x[r] if i == 0 else acts[i - 1, r, :n_in]
             for o in range(n_out):
                 d = delta[r, o]
-                gb[o] += d
                 for j in range(n_in):
                     gw[o, j] += d * a[j]
+            r += 1
         if i > 0:
             for r in range(batch):
                 for j in range(n_in):
