@@ -21,6 +21,12 @@ import numpy as np
 FASTMATH = {"reassoc", "nsz", "contract"}
 
 
+@numba.njit(inline="always", cache=True)
+def layer_input(x, acts, i, r, n_in):
+    """Row r's input to layer i: its scaled pixels (i = 0), else the layer below's activations."""
+    return x[r] if i == 0 else acts[i - 1, r, :n_in]
+
+
 @numba.njit(fastmath=FASTMATH, cache=True)
 def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
     """Write the gradient sums over x_uint8[rows] into out (flat, in flat's layout: W1 (out, in),
@@ -49,10 +55,8 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
         b = flat[offsets[i] + n_out * n_in:offsets[i + 1]]
         r = 0
         while r + 4 <= batch:
-            if i == 0:
-                a0, a1, a2, a3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-            else:
-                a0, a1, a2, a3 = acts[i - 1, r, :n_in], acts[i - 1, r + 1, :n_in], acts[i - 1, r + 2, :n_in], acts[i - 1, r + 3, :n_in]
+            a0, a1 = layer_input(x, acts, i, r, n_in), layer_input(x, acts, i, r + 1, n_in)
+            a2, a3 = layer_input(x, acts, i, r + 2, n_in), layer_input(x, acts, i, r + 3, n_in)
             for o in range(n_out):
                 s0 = zero
                 s1 = zero
@@ -83,7 +87,7 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
                 acts[i, r + 3, o] = s3
             r += 4
         while r < batch:
-            a = x[r] if i == 0 else acts[i - 1, r, :n_in]
+            a = layer_input(x, acts, i, r, n_in)
             for o in range(n_out):
                 s = zero
                 for j in range(n_in):
@@ -122,17 +126,15 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
                 gb[o] += delta[r, o]
         r = 0
         while r + 4 <= batch:
-            if i == 0:
-                a0, a1, a2, a3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-            else:
-                a0, a1, a2, a3 = acts[i - 1, r, :n_in], acts[i - 1, r + 1, :n_in], acts[i - 1, r + 2, :n_in], acts[i - 1, r + 3, :n_in]
+            a0, a1 = layer_input(x, acts, i, r, n_in), layer_input(x, acts, i, r + 1, n_in)
+            a2, a3 = layer_input(x, acts, i, r + 2, n_in), layer_input(x, acts, i, r + 3, n_in)
             for o in range(n_out):
                 d0, d1, d2, d3 = delta[r, o], delta[r + 1, o], delta[r + 2, o], delta[r + 3, o]
                 for j in range(n_in):
                     gw[o, j] += d0 * a0[j] + d1 * a1[j] + d2 * a2[j] + d3 * a3[j]
             r += 4
         while r < batch:
-            a = x[r] if i == 0 else acts[i - 1, r, :n_in]
+            a = layer_input(x, acts, i, r, n_in)
             for o in range(n_out):
                 d = delta[r, o]
                 for j in range(n_in):
