@@ -27,6 +27,8 @@ CHUNK_ROWS = 1024  # full-batch rows per chunk: (1024, 784) float32 is 3.2 MB
 
 
 class NumpyKernel:
+    update = None  # a compiled step.FlatWeights update (same bits as NumPy's), or None: NumPy's
+
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         self.dtype = np.dtype(dtype).type
         self.chunk_rows = chunk_rows  # a full batch's rows per chunk (None: all in one pass)
@@ -65,7 +67,8 @@ class NumpyKernel:
 class NumbaKernel(NumpyKernel):
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         super().__init__(dtype, chunk_rows)
-        self.compiled = _compiled()
+        compiled = _compiled()
+        self.compiled, self.update = compiled.grad_sums, compiled.update
         self.table = mlp.scale_pixels(np.arange(256, dtype=np.uint8), self.dtype)  # pixel -> its scaled value
         self.flat, self.sizes = None, None  # the weights flattened for the compiled loop; the layer widths
         self.bases = {}  # id(params dict) -> (the dict, the flat array its arrays are views of, or None)
@@ -110,7 +113,7 @@ def flat_base(params, size):
 
 
 def _compiled():
-    """numba_kernel.grad_sums, compiled once per machine: numba caches it beside the module, else
+    """The module numba_kernel, its functions compiled once per machine: numba caches it beside the module, else
     in the user's cache directory; where neither is writable, in a private directory of this
     user's under the temporary directory."""
     try:
@@ -122,7 +125,7 @@ def _compiled():
         fsutil.check_private_dir(path)  # numba loads pickles from it
         numba.config.CACHE_DIR = path
         from distmlp import numba_kernel
-    return numba_kernel.grad_sums
+    return numba_kernel
 
 
 def require(name):

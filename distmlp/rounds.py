@@ -51,7 +51,7 @@ class RoundWorker:
         """Run steps [first, stop) from start = (params, opt_state); a dict for the driver."""
         r, w = request, self.worker
         params, opt_state = start
-        weights = contract.FlatWeights(params, opt_state, r["momentum"])
+        weights = contract.FlatWeights(params, opt_state, r["momentum"], w.kernel.update)
         try:
             link = self.join(r, weights.total.size, weights.total.dtype)
         except self.join_errors as e:

@@ -68,9 +68,11 @@ def add_in_rank_order(parts, out):
 
 class FlatWeights:
     """Weights (and momentum) as one flat array in param_names order, double-buffered: a step
-    writes the other buffer, so a step that is not finite leaves the current weights untouched."""
+    writes the other buffer, so a step that is not finite leaves the current weights untouched.
+    update: a compiled version of apply's arithmetic with the same bits (kernels.NumbaKernel.update),
+    or None for NumPy's."""
 
-    def __init__(self, params, opt_state, momentum):
+    def __init__(self, params, opt_state, momentum, update=None):
         self.names = mlp.param_names(len(params) // 2)
         self.places, at = [], 0
         for name in self.names:
@@ -82,6 +84,8 @@ class FlatWeights:
         self.views = [self._unflatten(buf) for buf in self.params]
         self.momentum, self.cur = momentum, 0
         self.total = np.empty_like(flat)  # the summed gradients of the step being applied
+        self.update = update
+        self.no_velocity = flat[:0]  # what update gets for the velocity without momentum
 
     def _unflatten(self, flat):
         return {name: flat[lo:hi].reshape(shape) for name, lo, hi, shape in self.places}
@@ -102,12 +106,20 @@ class FlatWeights:
         """Update from the gradient sums in self.total over count examples; False (nothing
         changed) when the new weights or velocity are not finite."""
         cur, new = self.cur, 1 - self.cur
-        with np.errstate(over="ignore", invalid="ignore"):  # checked below
+        if self.update is not None:
+            v, v_new = self.velocity[cur], self.velocity[new]
+            if v is None:
+                v = v_new = self.no_velocity
+            if not self.update(self.params[cur], self.total, count, lr, self.momentum, self.params[new], v, v_new):
+                return False
+            self.cur = new
+            return True
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below (its sums may overflow too)
             g = np.divide(self.total, count, out=self.total)  # optim.mean_grads
             optim.update(self.params[cur], g, self.velocity[cur], lr, self.momentum,
                          self.params[new], self.velocity[new], scratch=g)
-        if not all_finite(self.params[new]) or (self.velocity[new] is not None and not all_finite(self.velocity[new])):
-            return False
+            if not all_finite(self.params[new]) or (self.velocity[new] is not None and not all_finite(self.velocity[new])):
+                return False
         self.cur = new
         return True
 

@@ -191,13 +191,14 @@ def _skip_or_stop(job, state, bad):
     raise DivergenceError(f"non-finite {what} at step {state.step + 1}{streak}")
 
 
-def run_round(state, stop, plan, compute, evaluate):
+def run_round(state, stop, plan, compute, evaluate, update=None):
     """Steps state.step.. up to stop (or until ROUND_S has passed) in one process, each by
     compute(step, params) -> ([(rank, flat gradient sums, loss sum, count)], compute seconds,
     {rank: worker description}), evaluating by evaluate(params) where plan says; a Round. The
     driver side of the actor transport and the single-process backend both run their steps here.
-    evaluate may return a concurrent.futures.Future; the round waits for it at its end."""
-    weights = step.FlatWeights(state.params, state.opt_state, plan.momentum)
+    evaluate may return a concurrent.futures.Future; the round waits for it at its end. update:
+    step.FlatWeights' compiled update, if any."""
+    weights = step.FlatWeights(state.params, state.opt_state, plan.momentum, update)
     records, nonfinite, evals = [], None, {}
     round_end = time.perf_counter() + ROUND_S
     for at in range(state.step, stop):
@@ -244,7 +245,7 @@ class LocalBackend:
             t0 = time.perf_counter()
             grads, loss_sum, count = self.grad_sums(params, plan.sampler.batch(at), at)
             return [(0, self.kernel.flat_sums(grads, names), loss_sum, count)], time.perf_counter() - t0, {}
-        return run_round(state, stop, plan, compute, self.evaluate_later)
+        return run_round(state, stop, plan, compute, self.evaluate_later, self.kernel.update)
 
     def evaluate(self, params):
         return self.held_out.evaluate(params)
