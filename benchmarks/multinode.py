@@ -32,7 +32,7 @@ from distmlp import config, data, trainer, transport  # noqa: E402
 
 FULL = {"steps": 1500, "rounds": 3, "train_steps": 1500, "n_train": 60000, "n_test": 10000, "gd_steps": 12,
         "gd_rounds": 5}
-QUICK = {"steps": 60, "rounds": 1, "train_steps": 60, "n_train": 2000, "n_test": 400, "gd_steps": 3, "gd_rounds": 1}
+QUICK = {"steps": 20, "rounds": 1, "train_steps": 20, "n_train": 1000, "n_test": 200, "gd_steps": 2, "gd_rounds": 1}
 
 
 def job(workers, transport_name, steps, optimizer="minibatch"):

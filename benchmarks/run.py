@@ -30,8 +30,8 @@ MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
 FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300,
         "cli_steps": (1000, 11000), "cli_epochs": (10, 60), "cli_rounds": 5}
-QUICK = {"n_train": 2000, "n_test": 400, "steps": 40, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 64,
-         "cli_steps": (20, 60), "cli_epochs": (2, 4), "cli_rounds": 1}
+QUICK = {"n_train": 1000, "n_test": 200, "steps": 20, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 32,
+         "cli_steps": (10, 20), "cli_epochs": (1, 2), "cli_rounds": 1}
 
 
 def write_idx(directory, name, array, magic):

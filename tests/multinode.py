@@ -21,9 +21,17 @@ from distmlp import config, data, driver, elastic, trainer, transport
 from hooks import AtStep
 
 
+# The GCS declares a node dead after this many failed health checks this far apart (Ray's
+# defaults, 5 x 3 s, make every node-loss test wait 15 s or more for it); a killed raylet
+# refuses the check at once, a live one on a busy machine still has health_check_timeout_ms (10 s).
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
+                   "health_check_failure_threshold": 3}
+
+
 def start_cluster(worker_nodes=2, cpus=1):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "node_ip_address": "127.0.0.1"})
+                                                            "node_ip_address": "127.0.0.1",
+                                                            "_system_config": FAST_NODE_DEATH})
     nodes = [cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1") for _ in range(worker_nodes)]
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="ERROR")
     cluster.wait_for_nodes()
@@ -124,7 +132,7 @@ def elastic_run(kind="auto"):
     try:
         source = data.resolve("mnist-sample")
         job = config.load_job(None, ["optimizer.lr=0.1", "run.seed=4", "run.steps=400", "cluster.workers=3",
-                                     "cluster.min_workers=2", "cluster.replace_timeout_s=5",
+                                     "cluster.min_workers=2", "cluster.replace_timeout_s=2",
                                      "cluster.step_timeout_s=30", f'cluster.transport="{kind}"'])
         events, changes, timed = {}, [], Timed()
 

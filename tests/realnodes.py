@@ -5,7 +5,8 @@ The cluster (benchmarks.localcluster: a head with no CPUs and two 1-CPU nodes, e
 RAY_AUTH_TOKEN and prints one JSON line:
 
     equal CLUSTER WORKERS  every case of CASES over actor calls and over the collective transport
-                           (2 / WORKERS CPUs per worker)
+                           (2 / WORKERS CPUs per worker); gd through the transport "auto" picks,
+                           as if torch were not installed (actor calls) and with it (the collective)
     kill CLUSTER           worker 1 SIGKILLed in the middle of a round (it sleeps in step 5)
     hang CLUSTER           worker 0 SIGSTOPped: its peer times out, the driver replaces it
     node_loss CLUSTER      the node of worker 1 killed after step 2 and a fresh node started
@@ -69,14 +70,20 @@ def equal(cluster, workers):
     connect.connect(cluster["address"])
     try:
         source = data.resolve("mnist-sample")
-        out = {}
-        for case in CASES:
-            out[case] = {name: train(job_for(case, workers, name), source)[0] for name in ("actors", "collective")}
-        out["auto"] = train(job_for("gd", workers, "auto", "run.steps=1"), source)[0]["transport"]
+        out = {case: {name: train(job_for(case, workers, name), source)[0] for name in ("actors", "collective")}
+               for case in ("minibatch", "momentum")}
+        # gd compares the two transports that "auto" picks, with torch and as if it were not installed
         warned = Warnings()
         logging.getLogger("distmlp").addHandler(warned)
-        transport.importlib.util.find_spec = lambda name: None  # as if torch were not installed
-        out["auto_without_torch"] = train(job_for("gd", workers, "auto", "run.steps=1"), source)[0]["transport"]
+        find_spec = transport.importlib.util.find_spec
+        transport.importlib.util.find_spec = lambda name: None
+        try:
+            actors = train(job_for("gd", workers, "auto"), source)[0]
+        finally:
+            transport.importlib.util.find_spec = find_spec
+            logging.getLogger("distmlp").removeHandler(warned)
+        out["gd"] = {"actors": actors, "collective": train(job_for("gd", workers, "auto"), source)[0]}
+        out["auto"], out["auto_without_torch"] = out["gd"]["collective"]["transport"], actors["transport"]
         out["warnings"] = warned.seen
         print(json.dumps(out))
     finally:

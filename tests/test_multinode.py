@@ -54,7 +54,7 @@ def test_a_node_lost_for_good_shrinks_the_group_and_a_node_added_grows_it_bit_id
     assert (grow["workers_before"], grow["workers_after"]) == (2, 3) and 150 <= grow["step"] < 400
     assert out["steps"] == 400
     assert out["elastic"] == out["by_hand"]  # hex of every weight's bytes
-    print(f"elastic: loss to next completed step {out['recovered_s']:.1f} s (replace_timeout_s 5); "
+    print(f"elastic: loss to next completed step {out['recovered_s']:.1f} s (replace_timeout_s 2); "
           f"regrouped in {shrink['seconds']:.1f} s, grew at step {grow['step']} in {grow['seconds']:.1f} s")
 
 

@@ -5,11 +5,13 @@ test is a driver script in a subprocess (tests/realnodes.py) and finds the clust
 
 import json
 import os
+from unittest import mock
 
 import pytest
 
 import test_multinode
 from benchmarks.localcluster import LocalCluster
+from multinode import FAST_NODE_DEATH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODES = 2
@@ -18,7 +20,9 @@ NODES = 2
 @pytest.fixture(scope="module")
 def cluster():
     pytest.importorskip("torch")
-    started = LocalCluster(nodes=NODES, cpus=1)
+    # the head's GCS reads Ray's settings from RAY_<name> in its environment
+    with mock.patch.dict(os.environ, {f"RAY_{name}": str(value) for name, value in FAST_NODE_DEATH.items()}):
+        started = LocalCluster(nodes=NODES, cpus=1)
     try:
         yield started
     finally:

@@ -24,7 +24,7 @@ from hooks import alive
 from distmlp import checkpoint, data, trainer
 
 JOBS = {  # optimizer -> (steps, checkpoint_every): long enough to be killed mid-run
-    "sgd": (2000, 50),  # sequential sgd touches one worker per step: ~2 ms a step
+    "sgd": (1000, 50),  # sequential sgd touches one worker per step: ~2 ms a step
     "minibatch": (300, 10),
     "gd": (120, 10),
 }
