@@ -29,9 +29,10 @@ from distmlp import config, connect, data, trainer, transport  # noqa: E402
 MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
 FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300,
-        "cli_steps": (1000, 11000), "cli_epochs": (10, 60), "cli_rounds": 5}
+        "cli_steps": (1000, 11000), "cli_epochs": (10, 60), "cli_rounds": 5, "kernel_workers": (0, 2)}
 QUICK = {"n_train": 1000, "n_test": 200, "steps": 20, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 32,
-         "cli_steps": (10, 20), "cli_epochs": (1, 2), "cli_rounds": 1}
+         "cli_steps": (10, 20), "cli_epochs": (1, 2), "cli_rounds": 1,
+         "kernel_workers": (0,)}  # the mesh's CLI runs are the 2-worker rows' code path already
 
 
 def write_idx(directory, name, array, magic):
@@ -360,7 +361,7 @@ def kernel_rows(data_dir, p, rows, seed_epoch_s, tmp, runs):
     the seed ratio of the epoch they make; numba's rows "skipped" where it is not installed."""
     kernels = ["numpy"] + (["numba"] if importlib.util.find_spec("numba") is not None else [])
     for kernel in kernels:
-        for workers in (0, 2):
+        for workers in p["kernel_workers"]:
             if (kernel, workers) == ("numpy", 2):
                 continue  # the rows above
             per_step, inside = cli_minibatch_step(data_dir, p, tmp, runs, workers, kernel)

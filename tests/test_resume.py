@@ -23,17 +23,19 @@ import seed_reference as seed
 from hooks import alive
 from distmlp import checkpoint, data, trainer
 
-JOBS = {  # optimizer -> (steps, checkpoint_every): long enough to be killed mid-run
-    "sgd": (1000, 50),  # sequential sgd touches one worker per step: ~2 ms a step
-    "minibatch": (300, 10),
-    "gd": (120, 10),
+JOBS = {  # optimizer -> (steps, checkpoint_every, workers): long enough to be killed mid-run
+    # resuming is the driver's (checkpoint, sampler state, counters): one case kills a run with
+    # Ray workers (test_faults kills more), the others train in one process and start no Ray
+    "sgd": (6000, 50, 0),
+    "minibatch": (300, 10, 2),
+    "gd": (300, 10, 0),
 }
 KILL_AFTER = 20  # kill once a checkpoint at this step or later is on disk
 RUN_TIMEOUT_S = 240
 
 
 def write_job(path, optimizer):
-    steps, every = JOBS[optimizer]
+    steps, every, workers = JOBS[optimizer]
     path.write_text(f"""
 [optimizer]
 name = "{optimizer}"
@@ -45,7 +47,7 @@ steps = {steps}
 checkpoint_every = {every}
 keep_last = 3
 [cluster]
-workers = 2
+workers = {workers}
 """)
     return path
 
@@ -148,7 +150,7 @@ def assert_same_bits(a, b):
 def test_killed_and_resumed_run_ends_bit_identical(tmp_path, optimizer, corrupt):
     """Uninterrupted run (in parallel) vs killed + resumed; with corrupt, the newest checkpoint
     of the killed run gets one flipped byte and --resume must fall back to the one before."""
-    steps, every = JOBS[optimizer]
+    steps, every, _ = JOBS[optimizer]
     job_file = write_job(tmp_path / "job.toml", optimizer)
     straight_proc = start("train", str(job_file), "--run-dir", str(tmp_path / "straight"), "--json")
     try:
