@@ -40,16 +40,20 @@ def run_script(cluster, mode, *args):
 
 @pytest.mark.parametrize("workers", [2, 4])
 def test_collective_equals_actor_calls_bit_for_bit_across_nodes(cluster, workers):
-    """minibatch, gd and momentum: same weights, same loss at every step, same evaluations;
-    2 workers on the two nodes, or 4 (half a CPU each)."""
+    """minibatch, gd and momentum with 2 workers on the two nodes, minibatch with 4 (half a CPU
+    each): same weights, same loss at every step, same evaluations; and what auto picks."""
     out = run_script(cluster, "equal", str(workers))
-    for case in ("minibatch", "gd", "momentum"):
+    cases = ("minibatch", "gd", "momentum") if workers == 2 else ("minibatch",)
+    assert sorted(case for case in out if case in ("minibatch", "gd", "momentum")) == sorted(cases)
+    for case in cases:
         actors, coll = out[case]["actors"], out[case]["collective"]
         assert (actors["transport"], coll["transport"]) == ("ActorTransport", "CollectiveTransport")
         assert len(set(coll["nodes"])) == 2 and len(coll["nodes"]) == workers
         assert coll["steps"] == actors["steps"] > 0
         assert coll["params"] == actors["params"], case  # hex of every weight's bytes
         assert coll["losses"] == actors["losses"], case
+    if workers != 2:
+        return
     assert out["auto"] == "CollectiveTransport"
     assert out["auto_without_torch"] == "ActorTransport"
     notes = [w for w in out["warnings"] if "distmlp[collective]" in w]
