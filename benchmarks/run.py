@@ -226,7 +226,7 @@ def _plain_worker(source, rank, workers, steps, directory):
     state = trainer.initial_state(j)
     request = {"gen": 0, "dir": directory, "workers": workers, "first": 0, "stop": steps, "lr": 0.05,
                "momentum": 0.0, "sampler": trainer.make_sampler(j, source.train.count), "timeout": 60.0,
-               "round_s": 1e9}
+               "round_s": 1e9, "eval_every": 0, "steps": steps}
     out = mesh.MeshWorker(worker).run((state.params, state.opt_state), request)
     return [record[3] for record in out["steps"]]
 
