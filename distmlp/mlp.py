@@ -34,9 +34,11 @@ def layer_sizes(params):
     return tuple(sizes)
 
 
-def scale_pixels(x_uint8, dtype=np.float32):
-    """uint8 pixels -> floats in [0, 1], the seed's `pixel / 255.0`."""
-    return x_uint8.astype(dtype) / dtype(255)
+def scale_pixels(x_uint8, dtype=np.float32, out=None):
+    """uint8 pixels -> floats in [0, 1], the seed's `pixel / 255.0` (into out if given: the same bits)."""
+    if out is None:
+        return x_uint8.astype(dtype) / dtype(255)
+    return np.divide(x_uint8, dtype(255), out=out, dtype=dtype)
 
 
 def forward(params, x):

@@ -108,3 +108,25 @@ def test_chunked_full_batch_sums_equal_one_pass_within_rounding(source, n, chunk
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-10, atol=1e-12, err_msg=name)
         if n <= chunk:
             assert got[name].tobytes() == expected[name].tobytes(), name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunks_scaled_into_one_buffer_are_the_same_bits(source, dtype):
+    """The kernel scales each chunk into one reused buffer (mlp.scale_pixels(out=)): the same bits as
+    new arrays, every pixel value and a last chunk shorter than the buffer."""
+    from distmlp import kernels, mlp
+    pixels = np.arange(256, dtype=np.uint8)
+    assert mlp.scale_pixels(pixels, dtype, np.empty(256, dtype)).tobytes() == mlp.scale_pixels(pixels, dtype).tobytes()
+    x8, y = data.load_rows(source.train, 0, 333)
+    params = mlp.init_params((784, 16, 16, 10), np.random.default_rng(7), dtype)
+    fresh, fresh_loss, _ = kernels.chunked_grad_sums(params, x8, y, dtype, 100)
+    buffer = np.full((100, 784), np.nan, dtype)
+    reused, reused_loss, _ = kernels.chunked_grad_sums(params, x8, y, dtype, 100, buffer)
+    assert reused_loss == fresh_loss
+    for name in fresh:
+        assert reused[name].tobytes() == fresh[name].tobytes(), name
+    kernel = kernels.make("numpy", dtype, chunk_rows=100)
+    out = np.empty(sum(p.size for p in params.values()), dtype)
+    for _ in range(2):  # the second call reuses the buffer the first made
+        assert kernel.grad_sums(params, x8, y, None, out) == (fresh_loss, 333)
+        assert out.tobytes() == kernels.step.flatten(fresh, mlp.param_names(3)).tobytes()
