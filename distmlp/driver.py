@@ -168,4 +168,5 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
             "train_loss": m.get("train_loss"), "test_loss": m.get("test_loss"),
             "test_accuracy": m.get("test_accuracy"), "wall_s": time.perf_counter() - t0, "membership": changes,
             "examples_per_s": examples_per_s(loop_hooks), "best_checkpoint": checkpoint.pointer(run_dir, "best"),
-            "dataset": job.data.dataset, "data_path": job.data.path}
+            # data.path wins over data.dataset (which keeps its default beside it): name what was used
+            "dataset": None if job.data.path else job.data.dataset, "data_path": job.data.path}

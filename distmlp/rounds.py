@@ -81,9 +81,9 @@ class RoundWorker:
             records.append((total_loss, total_count, compute_s, time.perf_counter() - t0))
             step += 1
             if evaluation_due(step, r["eval_every"], r["steps"]):
-                t0 = time.perf_counter()
+                eval_start = time.perf_counter()
                 evals.append((step, *w.evaluate(weights.current())))
-                eval_s += time.perf_counter() - t0
+                eval_s += time.perf_counter() - eval_start
             if headers[0][3]:
                 break
         out = {"status": status, "step": step, "detail": detail, "steps": records, "nonfinite": nonfinite,

@@ -74,21 +74,14 @@ class FlatWeights:
 
     def __init__(self, params, opt_state, momentum, update=None):
         self.names = mlp.param_names(len(params) // 2)
-        self.places, at = [], 0
-        for name in self.names:
-            self.places.append((name, at, at + params[name].size, params[name].shape))
-            at += params[name].size
         flat = flatten(params, self.names)
         self.params = [flat, np.empty_like(flat)]
         self.velocity = [flatten(opt_state, self.names), np.empty_like(flat)] if opt_state else [None, None]
-        self.views = [self._unflatten(buf) for buf in self.params]
+        self.views = [unflatten(buf, params) for buf in self.params]
         self.momentum, self.cur = momentum, 0
         self.total = np.empty_like(flat)  # the summed gradients of the step being applied
         self.update = update
         self.no_velocity = flat[:0]  # what update gets for the velocity without momentum
-
-    def _unflatten(self, flat):
-        return {name: flat[lo:hi].reshape(shape) for name, lo, hi, shape in self.places}
 
     def current(self):
         """{name: view} of the current weights (valid until the next apply)."""
@@ -100,7 +93,7 @@ class FlatWeights:
         velocity = self.velocity[self.cur]
         if velocity is None:
             return params, {}
-        return params, {name: a.copy() for name, a in self._unflatten(velocity).items()}
+        return params, {name: a.copy() for name, a in unflatten(velocity, params).items()}
 
     def apply(self, lr, count):
         """Update from the gradient sums in self.total over count examples; False (nothing

@@ -316,3 +316,14 @@ def test_cli_info_user_errors(args, message):
 def test_resolve_needs_something():
     with pytest.raises(data.DataError, match="no data set given: pass --data DIR or --dataset NAME"):
         data.resolve()
+
+
+def test_summary_of_a_run_on_a_data_directory_names_the_directory_not_the_default_data_set(tmp_path):
+    """data.path wins over data.dataset, whose default stays beside it: the summary names only the path."""
+    from distmlp import config, driver
+    (tmp_path / "idx").mkdir()
+    make_dir(tmp_path / "idx", ["train-images", "train-labels", "test-images", "test-labels"], gz=False)
+    job = config.load_job(None, ["cluster.workers=0", "run.steps=2", "optimizer.batch_size=2"],
+                          {"run.run_dir": str(tmp_path / "run"), "data.path": str(tmp_path / "idx"), "data.dataset": None})
+    summary = driver.run_job(job, echo=lambda line: None)
+    assert (summary["dataset"], summary["data_path"], summary["steps"]) == (None, str(tmp_path / "idx"), 2)

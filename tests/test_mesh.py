@@ -64,7 +64,7 @@ def test_layout_round_trips_every_array():
     params = params_for(4, np.float64, (9, 5, 4, 2))
     weights = step.FlatWeights(params, {}, 0.0)
     flat = step.flatten(params, mlp.param_names(3))
-    assert flat.size == sum(p.size for p in params.values()) == weights.places[-1][2]
+    assert flat.size == sum(p.size for p in params.values()) == weights.params[0].size
     assert bits_equal(weights.current(), params) and flat.tobytes() == weights.params[0].tobytes()
 
 
