@@ -153,11 +153,9 @@ def chunked_grad_sums(params, x_uint8, labels, dtype, chunk=CHUNK_ROWS, scaled=N
     partial sums added in order; each chunk scaled into `scaled` ((chunk, 784) floats) if given.
 
     A full-batch step over 30,000 rows scaled at once writes and rereads 94 MB of floats; in
-    chunks that fit a core's own cache the floats stay there, and two workers do not compete
-    for the shared L3 (1,024-row chunks, 3.2 MB: two workers' epochs took 49-67 ms, against 46-48
-    for 512 rows; 1 worker's 30,000 rows alike). Scaling into one buffer instead of two new arrays a
-    chunk is the same bits and avoids the allocator handing back and refaulting the pages (a
-    process sometimes took 1.5-2x longer per epoch).
+    chunks that fit a core's own cache the floats stay there, and workers on one node do not
+    compete for the shared L3. One buffer reused for every chunk spares the allocator handing
+    pages back and faulting them in again (docs/performance.md).
     """
     total, loss_sum = None, 0.0
     chunk = chunk or len(labels)

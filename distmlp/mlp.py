@@ -35,10 +35,8 @@ def layer_sizes(params):
 
 
 def scale_pixels(x_uint8, dtype=np.float32, out=None):
-    """uint8 pixels -> floats in [0, 1], the seed's `pixel / 255.0` (into out if given: the same bits)."""
-    if out is None:
-        return x_uint8.astype(dtype) / dtype(255)
-    return np.divide(x_uint8, dtype(255), out=out, dtype=dtype)
+    """uint8 pixels -> floats in [0, 1], the seed's `pixel / 255.0` (into out if given)."""
+    return np.divide(x_uint8, dtype(255), out=out, dtype=dtype)  # each pixel cast exactly, then divided
 
 
 def forward(params, x):

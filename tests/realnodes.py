@@ -70,9 +70,10 @@ def equal(cluster, workers):
     connect.connect(cluster["address"])
     try:
         source = data.resolve("mnist-sample")
+        every_case = int(workers) == 2  # 4 workers: the minibatch case; the rest is the same code with 2
         out = {case: {name: train(job_for(case, workers, name), source)[0] for name in ("actors", "collective")}
-               for case in (("minibatch", "momentum") if int(workers) == 2 else ("minibatch",))}
-        if int(workers) != 2:  # 4 workers: the minibatch case; the rest is the same code with 2
+               for case in (("minibatch", "momentum") if every_case else ("minibatch",))}
+        if not every_case:
             print(json.dumps(out))
             return
         # gd compares the two transports that "auto" picks, with torch and as if it were not installed

@@ -114,9 +114,10 @@ def test_chunked_full_batch_sums_equal_one_pass_within_rounding(source, n, chunk
 def test_chunks_scaled_into_one_buffer_are_the_same_bits(source, dtype):
     """The kernel scales each chunk into one reused buffer (mlp.scale_pixels(out=)): the same bits as
     new arrays, every pixel value and a last chunk shorter than the buffer."""
-    from distmlp import kernels, mlp
+    from distmlp import kernels, mlp, step
     pixels = np.arange(256, dtype=np.uint8)
     assert mlp.scale_pixels(pixels, dtype, np.empty(256, dtype)).tobytes() == mlp.scale_pixels(pixels, dtype).tobytes()
+    assert mlp.scale_pixels(pixels, dtype).tobytes() == (pixels.astype(dtype) / dtype(255)).tobytes()
     x8, y = data.load_rows(source.train, 0, 333)
     params = mlp.init_params((784, 16, 16, 10), np.random.default_rng(7), dtype)
     fresh, fresh_loss, _ = kernels.chunked_grad_sums(params, x8, y, dtype, 100)
@@ -129,4 +130,4 @@ def test_chunks_scaled_into_one_buffer_are_the_same_bits(source, dtype):
     out = np.empty(sum(p.size for p in params.values()), dtype)
     for _ in range(2):  # the second call reuses the buffer the first made
         assert kernel.grad_sums(params, x8, y, None, out) == (fresh_loss, 333)
-        assert out.tobytes() == kernels.step.flatten(fresh, mlp.param_names(3)).tobytes()
+        assert out.tobytes() == step.flatten(fresh, mlp.param_names(3)).tobytes()
