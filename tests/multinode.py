@@ -138,6 +138,12 @@ def elastic_run(kind="auto"):
 
         def add_node(backend):
             events["added"] = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1").node_id
+            deadline = time.monotonic() + 30  # until the driver sees the new CPU: the next check finds it
+            while ray.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # look for room at every round boundary: the 250 steps after the node returns may all be
+        # one round, and a check made just before it would otherwise wait GROW_CHECK_S for the next
+        elastic.GROW_CHECK_S = 0.0
         backend = elastic.ElasticBackend(source, job, changes.append)
         try:
             got = trainer.train(job, backend, hooks=[timed, AtStep(20, remove_node(cluster, 2, events))(backend),
