@@ -28,6 +28,7 @@ from distmlp import config, connect, data, trainer, transport  # noqa: E402
 
 MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
+QUICKSTART = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
 FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300,
         "cli_steps": (1000, 51000), "cli_epochs": (10, 310), "cli_rounds": 5, "kernel_workers": (0, 2)}
 QUICK = {"n_train": 1000, "n_test": 200, "steps": 20, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 32,
@@ -304,17 +305,22 @@ class Inside:
 
 
 def cli_minibatch_step(data_dir, p, tmp, runs, workers=2, kernel="numpy"):
-    """(per step from outside, median step_s inside) of CLI minibatch-32 runs: the difference of
-    a short and a long run divided by the difference in steps (start-up cancels out), next to
-    the median step recorded inside the loop (metrics.jsonl) of the long run; medians of rounds."""
+    """(per step from outside, Inside) of CLI minibatch-32 runs on data_dir (cli_per_step)."""
+    return cli_per_step(["--data", str(data_dir), "--optimizer", "minibatch", "--batch-size", "32",
+                         "--workers", str(workers), "--lr", "0.05", "--set", "run.eval_every=250",
+                         "--set", "cluster.cpus_per_worker=0.5", "--set", f'model.kernel="{kernel}"'],
+                        p, tmp, runs)
+
+
+def cli_per_step(args, p, tmp, runs):
+    """(per step from outside, Inside) of `distmlp train ARGS`: the difference of a short and a
+    long run divided by the difference in steps (start-up cancels out), next to what the long
+    run recorded inside its loop (metrics.jsonl); medians of p["cli_rounds"] rounds."""
     short, long_ = p["cli_steps"]
-    mini = ["--data", str(data_dir), "--optimizer", "minibatch", "--batch-size", "32", "--workers", str(workers),
-            "--lr", "0.05", "--set", "run.eval_every=250", "--set", "cluster.cpus_per_worker=0.5",
-            "--set", f'model.kernel="{kernel}"']
     outside, inside = [], []
     for _ in range(p["cli_rounds"]):
-        a, _ = cli_run([*mini, "--steps", str(short)], tmp / str(next(runs)))
-        b, seen = cli_run([*mini, "--steps", str(long_)], tmp / str(next(runs)))
+        a, _ = cli_run([*args, "--steps", str(short)], tmp / str(next(runs)))
+        b, seen = cli_run([*args, "--steps", str(long_)], tmp / str(next(runs)))
         outside.append((b - a) / (long_ - short))
         inside.append(seen)
     return statistics.median(outside), Inside(*(statistics.median(getattr(i, f.name) for i in inside)
@@ -333,6 +339,13 @@ def end_to_end(data_dir, p, rows, seed_epoch_s):
                  f"outside / inside {per_step / inside.median:.2f}x (target: <= 1.25x)"))
     rows.append(("", "inside: mean step_s; the loop's wall_s per step", f"{inside.mean * 1e6:,.0f} us/step",
                  f"loop {inside.loop * 1e6:,.0f} us/step (steps, evaluations, hooks, round ends)"))
+    # the README's first command as it is (the bundled sample: 8,000 rows, 2,000 held out, 2
+    # workers, evaluated every 250 steps), only longer
+    quick_step, quick_inside = cli_per_step([str(QUICKSTART)], p, tmp, runs)
+    rows.append(("", "jobs/quickstart.toml: from outside", f"{quick_step * 1e6:,.0f} us/step",
+                 f"inside: median {quick_inside.median * 1e6:,.0f}, mean {quick_inside.mean * 1e6:,.0f}, loop "
+                 f"{quick_inside.loop * 1e6:,.0f} us/step; outside / inside {quick_step / quick_inside.median:.2f}x "
+                 "(target: <= 1.25x)"))
     epoch = per_step * (60000 // 32)
     rows.append(("", "one minibatch epoch of 60,000, end to end", f"{epoch:.2f} s",
                  f"{seed_epoch_s / epoch:,.0f}x faster than the seed's loop (target: >= 500x)"))
