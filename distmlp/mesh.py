@@ -27,6 +27,7 @@ read straight from the peer's shared-memory slot (double-buffered by step parity
 only reach step s+1 once every peer has finished reading step s-1's slots).
 """
 
+import contextlib
 import os
 import select
 import shutil
@@ -214,6 +215,10 @@ class MeshWorker(RoundWorker):
         super().__init__(worker)
         self.peers = None
 
+    def run(self, start, request):
+        with core_of_its_own(self.worker.rank, request["workers"]):
+            return super().run(start, request)
+
     def join(self, r, n_items, dtype):
         if self.peers is None or self.peers.gen != r["gen"]:
             self.drop()
@@ -224,6 +229,27 @@ class MeshWorker(RoundWorker):
         if self.peers is not None:
             self.peers.close()
             self.peers = None
+
+
+@contextlib.contextmanager
+def core_of_its_own(rank, workers):
+    """Keep the calling thread on one core (the rank-th it may use) for the block, when the mesh
+    has as many workers as this process has cores: each worker then steps on a core of its own
+    anyway, and Ray's threads waking on it no longer move it to the other core, where it would
+    start the step with a cold cache while its peers wait. With fewer workers than cores nothing
+    is pinned: Ray assigns no core ids, so two jobs on a node would pin to the same cores."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        allowed = []
+    if len(allowed) != workers:
+        yield
+        return
+    os.sched_setaffinity(0, {allowed[rank]})  # 0: this thread only (Linux)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def eligible(group, here):

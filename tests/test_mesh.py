@@ -359,6 +359,40 @@ def test_a_peer_claiming_a_bad_rank_or_another_users_connection_is_refused(tmp_p
         mesh._check_peer(b, 1)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_a_worker_steps_on_a_core_of_its_own_only_when_the_workers_fill_the_cores():
+    """Pinned to its rank's core for the round and let go after it (also when the round
+    raises), in its own thread only; never with fewer (or more) workers than cores."""
+    seen = {}
+
+    def round_in_a_thread(rank, workers, fail=False):
+        def body():
+            before = os.sched_getaffinity(0)
+            try:
+                with mesh.core_of_its_own(rank, workers):
+                    seen["inside"] = os.sched_getaffinity(0)
+                    seen["process"] = os.sched_getaffinity(os.getpid())  # the main thread: untouched
+                    if fail:
+                        raise RuntimeError("a round that breaks")
+            except RuntimeError:
+                pass
+            seen["after"], seen["before"] = os.sched_getaffinity(0), before
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join()
+        return seen
+
+    cores = sorted(os.sched_getaffinity(0))
+    for rank in range(len(cores)):
+        for fail in (False, True):
+            s = round_in_a_thread(rank, len(cores), fail)
+            assert s["inside"] == {cores[rank]} and s["after"] == s["before"] == set(cores), (rank, fail)
+            assert s["process"] == set(cores)
+    for workers in {len(cores) - 1, len(cores) + 1} - {0}:
+        s = round_in_a_thread(0, workers)
+        assert s["inside"] == s["after"] == set(cores), workers
+
+
 def test_stale_mesh_directories_of_dead_drivers_are_swept():
     dead = mesh.tempfile.mkdtemp(prefix=f"{mesh.PREFIX}{2**22 + 17}-", dir=mesh.shm_dir())
     live = mesh.make_dir()
