@@ -28,6 +28,7 @@ CHUNK_ROWS = 512  # full-batch rows per chunk: (512, 784) float32 is 1.6 MB, nea
 
 class NumpyKernel:
     update = None  # a compiled step.FlatWeights update (same bits as NumPy's), or None: NumPy's
+    prefetch = None  # prefetch(x_uint8, rows): start loading the next step's rows, or None
 
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         self.dtype = np.dtype(dtype).type
@@ -72,7 +73,7 @@ class NumbaKernel(NumpyKernel):
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         super().__init__(dtype, chunk_rows)
         compiled = _compiled()
-        self.compiled, self.update = compiled.grad_sums, compiled.update
+        self.compiled, self.update, self.prefetch = compiled.grad_sums, compiled.update, compiled.prefetch_rows
         self.table = mlp.scale_pixels(np.arange(256, dtype=np.uint8), self.dtype)  # pixel -> its scaled value
         self.flat, self.sizes = None, None  # the weights flattened for the compiled loop; the layer widths
         self.bases = {}  # id(params dict) -> (the dict, the flat array its arrays are views of, or None)

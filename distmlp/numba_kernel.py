@@ -22,8 +22,41 @@ reaches the loss and gradient, where the divergence check sees it.
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 FASTMATH = {"reassoc", "nsz", "contract"}
+CACHE_LINE = 64  # bytes
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the CPU to bring array[index]'s cache line in (LLVM's prefetch: read, keep in every
+    cache level); it reads nothing and changes nothing, so no value can depend on it."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        data = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, data, [args[1]])
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        # named for the pointer type as this llvmlite spells it ("p0", or "p0i8" before opaque pointers)
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [byte_pointer],
+                                              ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]))
+        builder.call(fn, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return numba.types.void(array, index), codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def prefetch_rows(x_uint8, rows):
+    """Start loading the rows x_uint8[rows] into the cache and return at once: the next step's
+    batch, asked for at the end of this step, is then in the cache when its gather reads it
+    (random rows of a large data set otherwise wait on memory, row by row)."""
+    for r in range(len(rows)):
+        row = x_uint8[rows[r]]
+        for j in range(0, len(row), CACHE_LINE):
+            _prefetch(row, j)
 
 
 @numba.njit(inline="always", cache=True)

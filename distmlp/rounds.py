@@ -67,6 +67,8 @@ class RoundWorker:
             if local is None or len(local):
                 _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
                 w.kernel.flat_sums(grads, weights.names, out=link.buffer(step))
+                if local is not None and w.kernel.prefetch is not None:  # loads while the peers exchange
+                    w.kernel.prefetch(w.train_x, contract.local_rows(sampler.batch(step + 1), w.train_range))
             last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
             try:
                 headers = link.exchange(step, (loss_sum, count, last))

@@ -243,7 +243,10 @@ class LocalBackend:
 
         def compute(at, params):
             t0 = time.perf_counter()
-            grads, loss_sum, count = self.grad_sums(params, plan.sampler.batch(at), at)
+            batch = plan.sampler.batch(at)
+            grads, loss_sum, count = self.grad_sums(params, batch, at)
+            if batch is not None and self.kernel.prefetch is not None:
+                self.kernel.prefetch(self.train_x, plan.sampler.batch(at + 1))
             return [(0, self.kernel.flat_sums(grads, names), loss_sum, count)], time.perf_counter() - t0, {}
         return run_round(state, stop, plan, compute, self.evaluate_later, self.kernel.update)
 

@@ -163,6 +163,29 @@ def test_numba_gives_the_same_bits_in_every_transport(ray_session, source, name,
     assert same_bits(mesh.params, actors.params) and mesh_losses == actor_losses
 
 @needs_numba
+def test_each_step_prefetches_the_next_steps_rows_and_changes_nothing(source):
+    """The single-process backend asks the numba kernel to start loading step s+1's rows during
+    step s, and its weights equal those of a run that prefetches nothing; prefetch_rows takes
+    read-only rows and either index type and leaves the rows as they were."""
+    job = job_for("minibatch", 6, 0)
+    backend = trainer.LocalBackend(source, job.model.dtype, "numba")
+    asked, prefetch = [], backend.kernel.prefetch
+    backend.kernel.prefetch = lambda x, rows: (asked.append(rows.tolist()), prefetch(x, rows))
+    got = trainer.train(job, backend)
+    sampler = trainer.make_sampler(job, backend.n_train)
+    assert asked == [sampler.batch(at + 1).tolist() for at in range(6)]
+    without = trainer.LocalBackend(source, job.model.dtype, "numba")
+    without.kernel.prefetch = None
+    assert same_bits(trainer.train(job, without).params, got.params)
+    rows = np.arange(5 * 300, dtype=np.uint8).reshape(5, 300)
+    rows.flags.writeable = False
+    for index in (np.int32, np.int64):
+        prefetch(rows, np.array([4, 0, 4], index))
+    assert rows.tobytes() == np.arange(5 * 300, dtype=np.uint8).tobytes()
+    assert kernels.make("numpy", "float32").prefetch is None  # the reference: no compiled code
+
+
+@needs_numba
 def test_an_epoch_with_numba_reaches_the_held_out_accuracy_of_numpy(source):
     """The quickstart's model, lr and batch for one epoch of the bundled sample, in this process."""
     job = config.load_job(os.path.join(os.path.dirname(__file__), "..", "jobs", "quickstart.toml"),
