@@ -238,10 +238,7 @@ def core_of_its_own(rank, workers):
     anyway, and Ray's threads waking on it no longer move it to the other core, where it would
     start the step with a cold cache while its peers wait. With fewer workers than cores nothing
     is pinned: Ray assigns no core ids, so two jobs on a node would pin to the same cores."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        allowed = []
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(allowed) != workers:
         yield
         return

@@ -60,15 +60,17 @@ class RoundWorker:
         records, status, detail, nonfinite, evals, eval_s = [], OK, None, None, [], 0.0
         round_end = time.perf_counter() + r["round_s"]
         step = r["first"]
+        following = contract.local_rows(sampler.batch(step), w.train_range)
         while step < r["stop"]:
             t0 = time.perf_counter()
-            local = contract.local_rows(sampler.batch(step), w.train_range)
+            local = following
             count, loss_sum, compute_s = 0, 0.0, 0.0
             if local is None or len(local):
                 _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
                 w.kernel.flat_sums(grads, weights.names, out=link.buffer(step))
-                if local is not None and w.kernel.prefetch is not None:  # loads while the peers exchange
-                    w.kernel.prefetch(w.train_x, contract.local_rows(sampler.batch(step + 1), w.train_range))
+            following = contract.local_rows(sampler.batch(step + 1), w.train_range)  # drawn once, used next step
+            if following is not None and w.kernel.prefetch is not None:  # loads while the peers exchange
+                w.kernel.prefetch(w.train_x, following)
             last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
             try:
                 headers = link.exchange(step, (loss_sum, count, last))

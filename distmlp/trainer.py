@@ -241,12 +241,15 @@ class LocalBackend:
     def run_steps(self, state, stop, plan):
         names = mlp.param_names(len(state.params) // 2)
 
+        drawn = {}  # {step: its batch} drawn by the step before it, for the prefetch
+
         def compute(at, params):
             t0 = time.perf_counter()
-            batch = plan.sampler.batch(at)
+            batch = drawn.pop(at) if at in drawn else plan.sampler.batch(at)
             grads, loss_sum, count = self.grad_sums(params, batch, at)
             if batch is not None and self.kernel.prefetch is not None:
-                self.kernel.prefetch(self.train_x, plan.sampler.batch(at + 1))
+                drawn[at + 1] = plan.sampler.batch(at + 1)
+                self.kernel.prefetch(self.train_x, drawn[at + 1])
             return [(0, self.kernel.flat_sums(grads, names), loss_sum, count)], time.perf_counter() - t0, {}
         return run_round(state, stop, plan, compute, self.evaluate_later, self.kernel.update)
 

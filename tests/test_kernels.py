@@ -162,6 +162,7 @@ def test_numba_gives_the_same_bits_in_every_transport(ray_session, source, name,
     (mesh, mesh_losses, _), (actors, actor_losses, _) = runs[2, "mesh"], runs[2, "actors"]
     assert same_bits(mesh.params, actors.params) and mesh_losses == actor_losses
 
+
 @needs_numba
 def test_each_step_prefetches_the_next_steps_rows_and_changes_nothing(source):
     """The single-process backend asks the numba kernel to start loading step s+1's rows during
