@@ -12,7 +12,8 @@ through one compiled loop (distmlp.numba_kernel); its sums are added in another 
 BLAS adds them, so they equal the reference within rounding, not bit for bit, and they are the
 same bits in every process only on the same CPU type (LLVM compiles for the host CPU). A full
 batch (gd) goes through the NumPy path in both kernels, CHUNK_ROWS rows at a time: there BLAS
-is faster than the compiled loop.
+is faster than the compiled loop. A kernel also evaluates the held-out rows (held_out): numba by
+its forward pass on the uint8 rows, so every transport's evaluations are the same bits too.
 """
 
 import os
@@ -48,6 +49,11 @@ class NumpyKernel:
         step.flatten(grads, mlp.param_names(len(params) // 2), out=out)
         return loss_sum, count
 
+    def held_out(self, x_uint8, labels):
+        """The held-out rows as this kernel evaluates them: held_out(...).evaluate(params) ->
+        (number correct, loss sum, count)."""
+        return mlp.HeldOut(x_uint8, labels, self.dtype)
+
     def keyed_grad_sums(self, params, x_uint8, labels, rows):
         """(gradient sums keyed like params, loss sum, count) by grad_sums; the sums are views of
         one flat array that the next call rewrites."""
@@ -73,6 +79,7 @@ class NumbaKernel(NumpyKernel):
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         super().__init__(dtype, chunk_rows)
         compiled = _compiled()
+        self.compiled_module = compiled
         self.compiled, self.update, self.prefetch = compiled.grad_sums, compiled.update, compiled.prefetch_rows
         self.table = mlp.scale_pixels(np.arange(256, dtype=np.uint8), self.dtype)  # pixel -> its scaled value
         self.flat, self.sizes = None, None  # the weights flattened for the compiled loop; the layer widths
@@ -90,6 +97,9 @@ class NumbaKernel(NumpyKernel):
             flat = step.flatten(params, mlp.param_names(len(params) // 2), out=self.flat)
         return self.compiled(flat, self.sizes, self.table, x_uint8, labels, rows, out), len(rows)
 
+    def held_out(self, x_uint8, labels):
+        return CompiledHeldOut(self.compiled_module, self.table, x_uint8, labels)
+
     def _flat_base(self, params):
         """flat_base(params), looked up once per params dict (step.FlatWeights hands out the same
         two dicts of views step after step)."""
@@ -99,6 +109,22 @@ class NumbaKernel(NumpyKernel):
                 self.bases.clear()
             known = self.bases[id(params)] = (params, flat_base(params, self.flat.size))
         return known[1]
+
+
+class CompiledHeldOut:
+    """The held-out rows evaluated by the numba kernel's forward pass, read as uint8 (a quarter
+    of the memory traffic of scaled floats) without the GIL (the single-process backend
+    evaluates in a thread beside the steps, and NumPy's elementwise calls held the GIL there)."""
+
+    def __init__(self, compiled, table, x_uint8, labels):
+        self.compiled, self.table, self.x, self.labels = compiled, table, x_uint8, labels
+
+    def evaluate(self, params):
+        names = mlp.param_names(len(params) // 2)
+        flat = step.flatten(params, names)  # its own array: an evaluation may run beside a step
+        sizes = np.array(mlp.layer_sizes(params), np.int64)
+        correct, loss_sum = self.compiled.evaluate_sums(flat, sizes, self.table, self.x, self.labels)
+        return int(correct), float(loss_sum), len(self.labels)
 
 
 def flat_base(params, size):

@@ -14,10 +14,13 @@ A step's rows are random among all the training rows, so its gather waits on mem
 32 took 70 us from random rows and 46 from rows already in the cache); prefetch_rows asks the CPU
 to start loading the next step's rows (the sampler knows them) before this step returns.
 
-Both compiled functions let go of the GIL (nogil): the single-process backend evaluates in a
+The compiled functions let go of the GIL (nogil): the single-process backend evaluates in a
 thread of its own beside the steps, and a step that held the GIL for its whole kernel made that
 thread wait for Python's 5 ms switch interval at every turn (one evaluation took 450 ms instead
-of 15).
+of 15). evaluate_sums evaluates the held-out rows by the same forward pass, from the uint8 rows
+(a quarter of the memory traffic of floats scaled once) and without the GIL: NumPy's evaluation,
+run beside the steps, slowed them by holding the GIL in its elementwise calls and by streaming
+the scaled rows through the memory both cores share.
 
 The fastmath flags allow reassociation (so the dot products vectorize) and contraction into
 fused multiply-adds, but not the assumption that values are finite: a NaN or an overflow still
@@ -69,15 +72,12 @@ def layer_input(x, acts, i, r, n_in):
     return x[r] if i == 0 else acts[i - 1, r, :n_in]
 
 
-@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
-    """Write the gradient sums over x_uint8[rows] into out (flat, in flat's layout: W1 (out, in),
-    b1, W2, ...) for the weights flat; the loss sum. table: the 256 scaled pixel values."""
+@numba.njit(cache=True)
+def layout(sizes):
+    """(where W_i starts in the flat weights, for each layer and one past the last; the widest
+    layer's width): b_i follows W_i."""
     n_layers = len(sizes) - 1
-    batch = len(rows)
-    zero = table[0]
-    out[:] = zero
-    offsets = np.empty(n_layers + 1, np.int64)  # where W_i starts; b_i follows it
+    offsets = np.empty(n_layers + 1, np.int64)
     widest = 1
     at = 0
     for i in range(n_layers):
@@ -85,12 +85,14 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
         at += sizes[i + 1] * sizes[i] + sizes[i + 1]
         widest = max(widest, sizes[i + 1])
     offsets[n_layers] = at
-    x = np.empty((batch, sizes[0]), table.dtype)
-    for r in range(batch):
-        row = x_uint8[rows[r]]
-        for j in range(sizes[0]):
-            x[r, j] = table[row[j]]
-    acts = np.empty((n_layers, batch, widest), table.dtype)  # acts[i]: layer i+1's output
+    return offsets, widest
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def forward(flat, sizes, offsets, zero, x, acts, batch):
+    """acts[i, :batch, :sizes[i + 1]] = layer i+1's output for the scaled rows x[:batch] (the last
+    layer's: the logits), for the weights flat (offsets: layout's); zero: 0 of the weights' type."""
+    n_layers = len(sizes) - 1
     for i in range(n_layers):
         n_in, n_out = sizes[i], sizes[i + 1]
         w = flat[offsets[i]:offsets[i] + n_out * n_in].reshape((n_out, n_in))
@@ -139,6 +141,24 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
                     s = zero
                 acts[i, r, o] = s
             r += 1
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
+    """Write the gradient sums over x_uint8[rows] into out (flat, in flat's layout: W1 (out, in),
+    b1, W2, ...) for the weights flat; the loss sum. table: the 256 scaled pixel values."""
+    n_layers = len(sizes) - 1
+    batch = len(rows)
+    zero = table[0]
+    out[:] = zero
+    offsets, widest = layout(sizes)
+    x = np.empty((batch, sizes[0]), table.dtype)
+    for r in range(batch):
+        row = x_uint8[rows[r]]
+        for j in range(sizes[0]):
+            x[r, j] = table[row[j]]
+    acts = np.empty((n_layers, batch, widest), table.dtype)  # acts[i]: layer i+1's output
+    forward(flat, sizes, offsets, zero, x, acts, batch)
     n_classes = sizes[n_layers]
     logits = acts[n_layers - 1]
     delta = np.empty((batch, widest), table.dtype)  # dloss/dz of the layer being differentiated
@@ -192,6 +212,49 @@ def grad_sums(flat, sizes, table, x_uint8, labels, rows, out):
                     below[r, j] = s
             delta, below = below, delta
     return loss_sum
+
+
+EVAL_BLOCK_ROWS = 64  # rows scaled and sent through the layers at a time: (64, 784) floats stay in a core's cache
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def evaluate_sums(flat, sizes, table, x_uint8, labels):
+    """(number of rows whose largest logit is at their label, loss sum) over all of x_uint8, by
+    the forward pass of grad_sums, EVAL_BLOCK_ROWS rows at a time; the loss as grad_sums adds it.
+    The first largest logit counts, and a NaN is the largest (NumPy's argmax)."""
+    n_layers = len(sizes) - 1
+    n_rows = len(labels)
+    zero = table[0]
+    offsets, widest = layout(sizes)
+    x = np.empty((EVAL_BLOCK_ROWS, sizes[0]), table.dtype)
+    acts = np.empty((n_layers, EVAL_BLOCK_ROWS, widest), table.dtype)
+    n_classes = sizes[n_layers]
+    correct = 0
+    loss_sum = 0.0
+    for lo in range(0, n_rows, EVAL_BLOCK_ROWS):
+        block = min(EVAL_BLOCK_ROWS, n_rows - lo)
+        for r in range(block):
+            row = x_uint8[lo + r]
+            for j in range(sizes[0]):
+                x[r, j] = table[row[j]]
+        forward(flat, sizes, offsets, zero, x, acts, block)
+        logits = acts[n_layers - 1]
+        for r in range(block):
+            label = labels[lo + r]
+            best = 0
+            for o in range(1, n_classes):
+                if logits[r, o] > logits[r, best] or (np.isnan(logits[r, o]) and not np.isnan(logits[r, best])):
+                    best = o
+            top = logits[r, 0]
+            for o in range(n_classes):
+                top = max(top, logits[r, o])
+            z = zero
+            for o in range(n_classes):
+                z += np.exp(logits[r, o] - top)
+            loss_sum += np.log(z) - (logits[r, label] - top)
+            if best == label:
+                correct += 1
+    return correct, loss_sum
 
 
 @numba.njit(cache=True, nogil=True)

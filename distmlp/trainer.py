@@ -230,7 +230,7 @@ class LocalBackend:
         self.train_x, self.train_y = data.load_rows(source.train)
         self.test_x, self.test_y = data.load_rows(source.test)
         self.n_train, self.n_test = len(self.train_y), len(self.test_y)
-        self.held_out = mlp.HeldOut(self.test_x, self.test_y, self.dtype)
+        self.held_out = self.kernel.held_out(self.test_x, self.test_y)
         self._evaluator = None  # the thread evaluate_later runs in, started on first use
 
     def grad_sums(self, params, batch, step_index):

@@ -34,7 +34,7 @@ class ShardWorker:
             train_x, train_y, test_x, test_y = ray.get(node_data[0])
             self.train_x, self.train_y = train_x[slice(*train_range)], train_y[slice(*train_range)]
             self.test_x, self.test_y = test_x[slice(*test_range)], test_y[slice(*test_range)]
-        self.held_out = mlp.HeldOut(self.test_x, self.test_y, self.dtype)
+        self.held_out = self.kernel.held_out(self.test_x, self.test_y)
         self.mesh = None
         self.collective = None
 

@@ -55,6 +55,40 @@ def test_numba_equals_numpy_within_rounding(sizes, dtype):
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sizes", LAYERS, ids=["-".join(map(str, s)) for s in LAYERS])
+def test_numba_evaluates_the_held_out_rows_as_numpy_does(sizes, dtype):
+    """The compiled evaluation (uint8 rows, the training forward pass) against mlp.evaluate_sums
+    on the scaled rows: the same count correct, the loss within rounding, for every number of
+    rows around its blocks of 64; no rows gives nothing."""
+    params, x, y, _ = problem(sizes, dtype, 11, n=200)
+    for n in (0, 1, 63, 64, 65, 200):
+        want = kernels.make("numpy", dtype).held_out(x[:n], y[:n]).evaluate(params)
+        got = kernels.make("numba", dtype).held_out(x[:n], y[:n]).evaluate(params)
+        assert got[0] == want[0] and got[2] == want[2] == n and type(got[0]) is int
+        assert got[1] == pytest.approx(want[1], rel=TOLERANCE[dtype], abs=0 if n else 1e-12)
+    assert isinstance(kernels.make("numpy", dtype).held_out(x, y), mlp.HeldOut)
+
+
+@needs_numba
+def test_numba_evaluation_counts_as_numpys_argmax_with_ties_and_nans():
+    """Ties go to the first largest logit and a NaN counts as the largest, as np.argmax has it;
+    non-finite weights give a non-finite loss."""
+    sizes = (4, 3)
+    x = np.array([[0, 0, 0, 0], [255, 0, 0, 0], [0, 255, 0, 0]], np.uint8)
+    y = np.array([0, 1, 2], np.uint8)
+    params = {"W1": np.zeros((3, 4), np.float32), "b1": np.zeros(3, np.float32)}  # all tie: class 0
+    params["W1"][1, 0] = params["W1"][2, 1] = np.nan  # 0 * NaN is NaN: every row's logits 1 and 2 are NaN
+    for name in ("numpy", "numba"):
+        correct, loss_sum, n = kernels.make(name, np.float32).held_out(x, y).evaluate(params)
+        assert n == 3 and np.isnan(loss_sum), name
+        logits = mlp.forward(params, mlp.scale_pixels(x))[0]
+        assert correct == int(np.sum(logits.argmax(axis=1) == y)), name
+    params["W1"][:] = 0
+    assert kernels.make("numba", np.float32).held_out(x, y).evaluate(params)[0] == 1  # ties: class 0 only
+
+
+@needs_numba
 @pytest.mark.parametrize("sizes", [(13, 7, 3), (9, 8, 7, 6, 5), (12, 4)])
 def test_numba_gradients_match_central_differences(sizes):
     params, x, y, rng = problem(sizes, np.float64, 7, n=20)
