@@ -260,16 +260,16 @@ def evaluate_sums(flat, sizes, table, x_uint8, labels):
 @numba.njit(cache=True, nogil=True)
 def update(p, total, count, lr, momentum, p_new, v, v_new):
     """step.FlatWeights.apply's arithmetic in one loop, operation for operation as NumPy does it
-    (no fastmath: every operation rounds as NumPy's does, so the bits are the same): total /=
-    count; v_new = momentum * v + total (momentum only); p_new = p - lr * (v_new or total).
-    True when every new weight and velocity is finite."""
+    (no fastmath: every operation rounds as NumPy's does, so the bits are the same): g = total /
+    count; v_new = momentum * v + g (momentum only); p_new = p - lr * (v_new or g). total is
+    only read (it may be a worker's gradient sums). True when every new weight and velocity is
+    finite."""
     c = p.dtype.type(count)
     rate = p.dtype.type(lr)
     mu = p.dtype.type(momentum)
     finite = True
     for k in range(p.size):
         g = total[k] / c
-        total[k] = g
         if v.size:
             g = v[k] * mu + g
             v_new[k] = g

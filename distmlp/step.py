@@ -95,15 +95,17 @@ class FlatWeights:
             return params, {}
         return params, {name: a.copy() for name, a in unflatten(velocity, params).items()}
 
-    def apply(self, lr, count):
-        """Update from the gradient sums in self.total over count examples; False (nothing
+    def apply(self, lr, count, total=None):
+        """Update from the gradient sums in total (None: self.total, which NumPy's arithmetic
+        overwrites; the compiled update only reads total) over count examples; False (nothing
         changed) when the new weights or velocity are not finite."""
         cur, new = self.cur, 1 - self.cur
         if self.update is not None:
             v, v_new = self.velocity[cur], self.velocity[new]
             if v is None:
                 v = v_new = self.no_velocity
-            if not self.update(self.params[cur], self.total, count, lr, self.momentum, self.params[new], v, v_new):
+            total = self.total if total is None else total
+            if not self.update(self.params[cur], total, count, lr, self.momentum, self.params[new], v, v_new):
                 return False
             self.cur = new
             return True
@@ -125,8 +127,12 @@ def apply_step(weights, parts, lr):
     for _, _, part_loss, part_count in parts:
         loss_sum += part_loss
         count += part_count
-    add_in_rank_order([grads for _, grads, _, _ in parts], weights.total)
-    if math.isfinite(loss_sum) and weights.apply(lr, count):
+    total, first = None, parts[0][1]
+    if len(parts) == 1 and weights.update is not None and first.flags.writeable and first.dtype == weights.total.dtype:
+        total = first  # one part is the sum; the compiled update only reads it (no copy)
+    else:
+        add_in_rank_order([grads for _, grads, _, _ in parts], weights.total)
+    if math.isfinite(loss_sum) and weights.apply(lr, count, total):
         return loss_sum, count, None
     return loss_sum, count, nonfinite_cause(parts)
 
