@@ -346,6 +346,12 @@ def end_to_end(data_dir, p, rows, seed_epoch_s):
                  f"inside: median {quick_inside.median * 1e6:,.0f}, mean {quick_inside.mean * 1e6:,.0f}, loop "
                  f"{quick_inside.loop * 1e6:,.0f} us/step; outside / inside {quick_step / quick_inside.median:.2f}x "
                  "(target: <= 1.25x)"))
+    # the same job in one process (cluster.workers = 0, no Ray): what Ray's processes add to the tail
+    one_step, one_inside = cli_per_step([str(QUICKSTART), "--workers", "0"], p, tmp, runs)
+    rows.append(("", "jobs/quickstart.toml --workers 0: from outside", f"{one_step * 1e6:,.0f} us/step",
+                 f"inside: median {one_inside.median * 1e6:,.0f}, mean {one_inside.mean * 1e6:,.0f}, loop "
+                 f"{one_inside.loop * 1e6:,.0f} us/step; outside / inside {one_step / one_inside.median:.2f}x "
+                 "(one process, no Ray)"))
     epoch = per_step * (60000 // 32)
     rows.append(("", "one minibatch epoch of 60,000, end to end", f"{epoch:.2f} s",
                  f"{seed_epoch_s / epoch:,.0f}x faster than the seed's loop (target: >= 500x)"))

@@ -26,6 +26,7 @@ def test_quick_benchmark_runs_and_prints_the_table():
     assert "us/step" in out and "s/epoch" in out and "RSS" in out
     assert re.search(r"end to end \(CLI, minibatch 32, 2 workers\) *\| from outside.*\| -?[\d,]+ us/step", out)
     assert re.search(r"jobs/quickstart.toml: from outside *\| -?[\d,]+ us/step *\| inside: median [\d,]+", out)
+    assert re.search(r"jobs/quickstart.toml --workers 0: from outside *\| -?[\d,]+ us/step *\| inside: median [\d,]+", out)
     if importlib.util.find_spec("torch") is not None:
         for row in ("PyTorch, 1 thread", "PyTorch DDP (gloo), 2 processes", "Ray Train TorchTrainer, 2 workers"):
             assert re.search(re.escape(row) + r" *\| [\d,]+ us/step", out), row
