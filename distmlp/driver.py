@@ -9,6 +9,8 @@ import math
 import os
 import time
 
+import numpy as np
+
 from distmlp import checkpoint, config, data, kernels, metrics, progress, storage, tracking, trainer
 from distmlp.errors import RunStopped, UserError
 
@@ -154,7 +156,9 @@ def run_job(job, resume=None, json_mode=False, echo=print, address=None, hooks=(
         loop_hooks = [*run_hooks(job, run_dir, ckpt_hook, quiet=json_mode, echo=echo), *hooks]
         writers += [h for h in loop_hooks if isinstance(h, metrics.MetricsWriter)]
         try:
-            state = trainer.train(job, backend, state, loop_hooks)
+            # a diverging run's NumPy overflows are the loop's to report (one line), not warnings
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                state = trainer.train(job, backend, state, loop_hooks)
         except RunStopped as e:
             raise type(e)(f"{e}; {_resume_hint(run_dir, checkpoint.pointer(run_dir))}") from None
     finally:

@@ -254,7 +254,8 @@ class LocalBackend:
         return run_round(state, stop, plan, compute, self.evaluate_later, self.kernel.update)
 
     def evaluate(self, params):
-        return self.held_out.evaluate(params)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # also in the evaluation thread
+            return self.held_out.evaluate(params)
 
     def evaluate_later(self, params):
         """evaluate(a copy of params) in a thread of its own, a Future: BLAS lets go of the GIL,

@@ -7,8 +7,11 @@ tested in test_checkpoint.py::test_non_finite_arrays_are_refused_and_nothing_is_
 """
 
 import functools
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +106,18 @@ def test_lr_1e6_from_the_cli_is_one_line_exit_2(ray_session, tmp_path, policy, s
     ckpt = checkpoint.load(newest)  # loads, and holds only finite values (the writer refuses others)
     assert ckpt.step == last_good and all(np.isfinite(p).all() for p in ckpt.params.values())
     assert checkpoint.pointer(run_dir) == str(newest)
+
+
+def test_a_diverging_run_in_one_process_says_one_line_without_numpy_warnings(tmp_path):
+    """The single-process CLI (a subprocess: stderr as a user sees it) overflows in NumPy at lr
+    1e30; the loop reports it in one line, and NumPy's RuntimeWarnings do not come before it."""
+    job = os.path.join(os.path.dirname(__file__), "..", "jobs", "quickstart.toml")
+    proc = subprocess.run([str(Path(sys.executable).with_name("distmlp")), "train", job, "--lr", "1e30", "--steps", "20",
+                           "--workers", "0", "--quiet", "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite loss or gradient at step "), proc.stderr
 
 
 def test_an_update_that_overflows_the_weights_is_non_finite(source):
