@@ -79,8 +79,8 @@ class NumbaKernel(NumpyKernel):
     def __init__(self, dtype, chunk_rows=CHUNK_ROWS):
         super().__init__(dtype, chunk_rows)
         compiled = _compiled()
-        self.compiled_module = compiled
         self.compiled, self.update, self.prefetch = compiled.grad_sums, compiled.update, compiled.prefetch_rows
+        self.compiled_evaluate = compiled.evaluate_sums
         self.table = mlp.scale_pixels(np.arange(256, dtype=np.uint8), self.dtype)  # pixel -> its scaled value
         self.flat, self.sizes = None, None  # the weights flattened for the compiled loop; the layer widths
         self.bases = {}  # id(params dict) -> (the dict, the flat array its arrays are views of, or None)
@@ -98,7 +98,7 @@ class NumbaKernel(NumpyKernel):
         return self.compiled(flat, self.sizes, self.table, x_uint8, labels, rows, out), len(rows)
 
     def held_out(self, x_uint8, labels):
-        return CompiledHeldOut(self.compiled_module, self.table, x_uint8, labels)
+        return CompiledHeldOut(self.compiled_evaluate, self.table, x_uint8, labels)
 
     def _flat_base(self, params):
         """flat_base(params), looked up once per params dict (step.FlatWeights hands out the same
@@ -116,14 +116,14 @@ class CompiledHeldOut:
     of the memory traffic of scaled floats) without the GIL (the single-process backend
     evaluates in a thread beside the steps, and NumPy's elementwise calls held the GIL there)."""
 
-    def __init__(self, compiled, table, x_uint8, labels):
-        self.compiled, self.table, self.x, self.labels = compiled, table, x_uint8, labels
+    def __init__(self, evaluate_sums, table, x_uint8, labels):
+        self.evaluate_sums, self.table, self.x, self.labels = evaluate_sums, table, x_uint8, labels
 
     def evaluate(self, params):
         names = mlp.param_names(len(params) // 2)
         flat = step.flatten(params, names)  # its own array: an evaluation may run beside a step
         sizes = np.array(mlp.layer_sizes(params), np.int64)
-        correct, loss_sum = self.compiled.evaluate_sums(flat, sizes, self.table, self.x, self.labels)
+        correct, loss_sum = self.evaluate_sums(flat, sizes, self.table, self.x, self.labels)
         return int(correct), float(loss_sum), len(self.labels)
 
 

@@ -95,22 +95,31 @@ class FlatWeights:
             return params, {}
         return params, {name: a.copy() for name, a in unflatten(velocity, params).items()}
 
+    def sum_of(self, grads):
+        """The flat gradient sums grads (rank order) added: a lone part as it is (apply only reads
+        it), else added into self.total. A read-only part is copied too: numba would compile its
+        update again for a read-only array."""
+        first = grads[0]
+        if len(grads) == 1 and first.dtype == self.total.dtype and first.flags.writeable:
+            return first
+        return add_in_rank_order(grads, self.total)
+
     def apply(self, lr, count, total=None):
-        """Update from the gradient sums in total (None: self.total, which NumPy's arithmetic
-        overwrites; the compiled update only reads total) over count examples; False (nothing
-        changed) when the new weights or velocity are not finite."""
+        """Update from the gradient sums in total (None: self.total) over count examples; total
+        is only read (NumPy's arithmetic works in self.total). False (nothing changed) when the
+        new weights or velocity are not finite."""
         cur, new = self.cur, 1 - self.cur
+        total = self.total if total is None else total
         if self.update is not None:
             v, v_new = self.velocity[cur], self.velocity[new]
             if v is None:
                 v = v_new = self.no_velocity
-            total = self.total if total is None else total
             if not self.update(self.params[cur], total, count, lr, self.momentum, self.params[new], v, v_new):
                 return False
             self.cur = new
             return True
         with np.errstate(over="ignore", invalid="ignore"):  # checked below (its sums may overflow too)
-            g = np.divide(self.total, count, out=self.total)  # optim.mean_grads
+            g = np.divide(total, count, out=self.total)  # optim.mean_grads
             optim.update(self.params[cur], g, self.velocity[cur], lr, self.momentum,
                          self.params[new], self.velocity[new], scratch=g)
             if not all_finite(self.params[new]) or (self.velocity[new] is not None and not all_finite(self.velocity[new])):
@@ -127,11 +136,7 @@ def apply_step(weights, parts, lr):
     for _, _, part_loss, part_count in parts:
         loss_sum += part_loss
         count += part_count
-    total, first = None, parts[0][1]
-    if len(parts) == 1 and weights.update is not None and first.flags.writeable and first.dtype == weights.total.dtype:
-        total = first  # one part is the sum; the compiled update only reads it (no copy)
-    else:
-        add_in_rank_order([grads for _, grads, _, _ in parts], weights.total)
+    total = weights.sum_of([grads for _, grads, _, _ in parts])
     if math.isfinite(loss_sum) and weights.apply(lr, count, total):
         return loss_sum, count, None
     return loss_sum, count, nonfinite_cause(parts)
