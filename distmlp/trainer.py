@@ -10,6 +10,7 @@ holds the whole data set in this process and is the reference distributed runs a
 against; the Ray transports are in distmlp.transport.
 """
 
+import gc
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -137,18 +138,26 @@ def train(job, backend, state=None, hooks=()):
             "n_train": backend.n_train, "n_test": backend.n_test}
     for hook in hooks:
         hook.on_start(state, info)
-    while state.step < steps:
-        done = backend.run_steps(state, next_stop(state.step, steps, hooks), plan)
-        state.params, state.opt_state = done.params, done.opt_state
-        for rec in done.steps:
-            state.nonfinite_streak = 0
-            _record(job, plan, state, rec, done.evals, hooks)
-        if done.nonfinite is not None:
-            _skip_or_stop(job, state, done.nonfinite)
-            bad = done.nonfinite
-            # the round ended at the skipped step, so state.params are the weights to evaluate there
-            evals = {state.step + 1: backend.evaluate(state.params)} if plan.evaluates(state.step + 1) else {}
-            _record(job, plan, state, StepRecord(bad.loss_sum, bad.count, 0.0, 0.0), evals, hooks)
+    # The loop makes objects for every step (records, rows, events), so the collector runs often,
+    # and a full collection walked every object made before the loop (Ray's, the libraries'),
+    # which live as long as the run, while the workers waited for the next round: frozen, they
+    # are left out of the loop's collections.
+    gc.freeze()
+    try:
+        while state.step < steps:
+            done = backend.run_steps(state, next_stop(state.step, steps, hooks), plan)
+            state.params, state.opt_state = done.params, done.opt_state
+            for rec in done.steps:
+                state.nonfinite_streak = 0
+                _record(job, plan, state, rec, done.evals, hooks)
+            if done.nonfinite is not None:
+                _skip_or_stop(job, state, done.nonfinite)
+                bad = done.nonfinite
+                # the round ended at the skipped step, so state.params are the weights to evaluate there
+                evals = {state.step + 1: backend.evaluate(state.params)} if plan.evaluates(state.step + 1) else {}
+                _record(job, plan, state, StepRecord(bad.loss_sum, bad.count, 0.0, 0.0), evals, hooks)
+    finally:
+        gc.unfreeze()
     for hook in hooks:
         hook.on_end(state, state.metrics)
     return state

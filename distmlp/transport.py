@@ -216,13 +216,15 @@ def round_of(g, replies, wall, first):
         raise RuntimeError(f"workers disagree after step {first}: steps {done}, weights {len(prints)} kinds")
     n = done.pop()
     lead = replies[0]
-    # a step takes as long as its slowest worker; the round's own overhead is spread over its steps
-    slowest = [max(r["steps"][i][3] for r in replies.values()) for i in range(n)]
-    evaluating = max(r["eval_s"] for r in replies.values())  # not a step's time
-    overhead = max(wall - sum(slowest) - evaluating, 0.0) / max(n, 1)
-    records = [trainer.StepRecord(loss_sum, count, max(r["steps"][i][2] for r in replies.values()),
-                                  slowest[i] + overhead)
-               for i, (loss_sum, count, _, _) in enumerate(lead["steps"])]
+    records = []
+    if n:
+        # a step takes as long as its slowest worker; the round's own overhead is spread over its steps
+        columns = {rank: tuple(zip(*r["steps"])) for rank, r in replies.items()}  # (loss sums, counts, compute, step)
+        compute_s, slowest = (_each_max([c[i] for c in columns.values()]) for i in (2, 3))
+        evaluating = max(r["eval_s"] for r in replies.values())  # not a step's time
+        overhead = max(wall - sum(slowest) - evaluating, 0.0) / n
+        step_s = [s + overhead for s in slowest] if overhead else slowest
+        records = list(map(trainer.StepRecord, columns[0][0], columns[0][1], compute_s, step_s))
     nonfinite = None
     if lead["nonfinite"] is not None:
         loss_sum, count, what, rank = lead["nonfinite"]
@@ -235,3 +237,8 @@ def round_of(g, replies, wall, first):
                     sum(replies[rank]["evals"][i][3] for rank in ranks))
              for i, (done, *_) in enumerate(lead["evals"])}
     return trainer.Round(records, lead["params"], lead["opt_state"], nonfinite, evals)
+
+
+def _each_max(columns):
+    """The elementwise maximum of equally long sequences (one per worker), as a sequence."""
+    return columns[0] if len(columns) == 1 else list(map(max, *columns))

@@ -90,6 +90,40 @@ def test_tensorboard_resume_hides_the_steps_after_the_resumed_one(tmp_path, back
     assert [e.value for e in loss[8:]] == pytest.approx([r["train_loss"] for r in seen.records], rel=1e-6)
 
 
+def test_event_file_records_are_the_bytes_tensorboardx_writes(tmp_path):
+    """EventFile frames events itself; tensorboardX's EventsWriter is the reference, record by record."""
+    _, Event, _ = tracking._tensorboardx()
+    from tensorboardX.event_file_writer import EventsWriter
+    events = [Event(wall_time=1.5e9 + i, step=i) for i in range(300)]
+    for i, event in enumerate(events):
+        event.summary.value.add(tag="train/loss", simple_value=1.0 / (i + 1))
+        if i % 7 == 0:  # records of several lengths
+            event.summary.value.add(tag="test/accuracy", simple_value=0.5)
+    ours = tracking.EventFile(str(tmp_path), ".ours", Event)
+    ours.write([e.SerializeToString() for e in events[:100]])
+    ours.write([e.SerializeToString() for e in events[100:]])
+    ours.close()
+    reference = EventsWriter(str(tmp_path / "ref"), ".ref")
+    for event in events:
+        reference.write_event(event)
+    reference.close()
+    [ref_path] = tmp_path.glob("ref.out.tfevents.*.ref")
+    assert os.path.basename(ours.path).startswith("events.out.tfevents.")
+
+    def records(path):  # [(header, data, footer)], checked against the file's length
+        blob, out, at = open(path, "rb").read(), [], 0
+        while at < len(blob):
+            n = int.from_bytes(blob[at:at + 8], "little")
+            out.append((blob[at:at + 12], blob[at + 12:at + 12 + n], blob[at + 12 + n:at + 16 + n]))
+            at += 16 + n
+        assert at == len(blob)
+        return out
+
+    first, *rest = records(ours.path)
+    assert Event.FromString(first[1]).file_version == "brain.Event:2"
+    assert rest == records(ref_path)[1:]  # the first record holds each file's creation time
+
+
 @pytest.mark.slow
 def test_mlflow_gets_params_metrics_by_step_and_the_last_checkpoint(tmp_path, backend, monkeypatch):
     from mlflow.tracking import MlflowClient
