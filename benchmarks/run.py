@@ -288,8 +288,11 @@ def cli_run(args, run_dir):
     wall = time.perf_counter() - t0
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
+    records = [r for r in records if "event" not in r]
     steps = [r["step_s"] for r in records[len(records) // 10:]]
-    loop = (records[-1]["wall_s"] - records[0]["wall_s"]) / max(len(records) - 1, 1)
+    # a record's wall_s is when the loop handled it (at the end of its round), counted from the
+    # loop's start: the last one's covers every round, the first included
+    loop = records[-1]["wall_s"] / records[-1]["step"]
     return wall, Inside(statistics.median(steps), statistics.fmean(steps), loop)
 
 
@@ -297,7 +300,7 @@ def cli_run(args, run_dir):
 class Inside:
     """A run's steps as recorded inside it (seconds per step; the first 10 % of steps left out
     of the median and mean): the median and mean step_s, and the loop's wall time per step
-    (wall_s of the last record minus the first's: steps, evaluations, hooks, round ends)."""
+    (wall_s of the last record over its step: steps, evaluations, hooks, round ends)."""
 
     median: float
     mean: float
