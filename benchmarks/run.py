@@ -30,7 +30,7 @@ MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
 QUICKSTART = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
 FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300,
-        "cli_steps": (1000, 151000), "cli_epochs": (10, 310), "cli_rounds": 5, "kernel_workers": (0, 2)}
+        "cli_steps": (1000, 151000), "cli_epochs": (10, 610), "cli_rounds": 5, "kernel_workers": (0, 2)}
 QUICK = {"n_train": 1000, "n_test": 200, "steps": 20, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 32,
          "cli_steps": (10, 20), "cli_epochs": (1, 2), "cli_rounds": 1,
          "kernel_workers": (0,)}  # the mesh's CLI runs are the 2-worker rows' code path already
