@@ -62,9 +62,14 @@ def to_table(records):
                     schema=SCHEMA)
 
 
+# Step records are floats that seldom repeat: a dictionary per column made the file larger and
+# took most of the write (pyarrow tries one for every column unless told not to).
+PARQUET_OPTIONS = {"use_dictionary": False}
+
+
 def write_parquet_atomic(table, path):
-    """Write table to path as Parquet, atomically."""
-    fsutil.atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    """Write table (step records) to path as Parquet, atomically."""
+    fsutil.atomic_write(path, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
 
 
 def _check_record(path, lineno, record):
@@ -133,7 +138,7 @@ def _records(run_dir):
 
 def _parquet_bytes(table):
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, **PARQUET_OPTIONS)
     return sink.getvalue().to_pybytes()
 
 
