@@ -24,7 +24,7 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the embedded Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from distmlp import config, connect, data, trainer, transport  # noqa: E402
+from distmlp import config, connect, data, metrics, trainer, transport  # noqa: E402
 
 MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
@@ -288,7 +288,7 @@ def cli_run(args, run_dir):
     wall = time.perf_counter() - t0
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    records = [r for r in records if "event" not in r]
+    records = [r for r in records if metrics.EVENT not in r]
     steps = [r["step_s"] for r in records[len(records) // 10:]]
     # a record's wall_s is when the loop handled it (at the end of its round), counted from the
     # loop's start: the last one's covers every round, the first included

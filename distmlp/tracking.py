@@ -91,11 +91,11 @@ class TensorBoardHook(ScalarHook):
 
     def write(self, rows):
         events = [self._serialized(wall, record) for wall, record, _ in rows[:-1]]
-        wall, record, _ = rows[-1]
-        last = self._event(wall, record)
+        wall, final, _ = rows[-1]
+        last = self._event(wall, final)
         step_s = sum(record["step_s"] for _, record, _ in rows)
         values = last.summary.value
-        values.add(tag="lr", simple_value=record["lr"])
+        values.add(tag="lr", simple_value=final["lr"])
         values.add(tag="perf/step_ms", simple_value=1000 * step_s / len(rows))
         if step_s > 0:
             values.add(tag="perf/examples_per_s", simple_value=sum(n for _, _, n in rows) / step_s)

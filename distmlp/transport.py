@@ -223,8 +223,8 @@ def round_of(g, replies, wall, first):
         compute_s, slowest = (_each_max([c[i] for c in columns.values()]) for i in (2, 3))
         evaluating = max(r["eval_s"] for r in replies.values())  # not a step's time
         overhead = max(wall - sum(slowest) - evaluating, 0.0) / n
-        step_s = [s + overhead for s in slowest] if overhead else slowest
-        records = list(map(trainer.StepRecord, columns[0][0], columns[0][1], compute_s, step_s))
+        records = list(map(trainer.StepRecord, columns[0][0], columns[0][1], compute_s,
+                           [s + overhead for s in slowest]))
     nonfinite = None
     if lead["nonfinite"] is not None:
         loss_sum, count, what, rank = lead["nonfinite"]
