@@ -90,7 +90,8 @@ class LocalCluster:
         self.tmp = tempfile.mkdtemp(prefix="dmb-", dir="/tmp")  # short: Ray's socket paths must fit
         self.cpus = cpus
         self.address = f"127.0.0.1:{free_port()}"
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+        # each node's start, like an embedded one, without the raylet's one-second retry (connect.CONNECT_RETRY)
+        self.env = dict(connect.CONNECT_RETRY) | dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
         self.head, self.nodes = None, {}  # node manager port: its `ray start` process
         try:

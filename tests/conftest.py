@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def ray_session():
     """One embedded Ray for the whole test session (2 CPUs, loopback only, no dashboard)."""
     import ray
+
+    from distmlp import connect
+    connect.quick_retries()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _node_ip_address="127.0.0.1")
     yield ray
