@@ -24,16 +24,18 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the embedded Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from benchmarks import plain_gd  # noqa: E402
 from distmlp import config, connect, data, metrics, trainer, transport  # noqa: E402
 
 MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
 SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_reference.py"
 QUICKSTART = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
 FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300,
-        "cli_steps": (1000, 151000), "cli_epochs": (10, 610), "cli_rounds": 5, "kernel_workers": (0, 2)}
+        "cli_steps": (1000, 151000), "cli_epochs": (10, 610), "cli_rounds": 5, "kernel_workers": (0, 2),
+        "plain_epochs": 60, "plain_rounds": 5}
 QUICK = {"n_train": 1000, "n_test": 200, "steps": 20, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 32,
          "cli_steps": (10, 20), "cli_epochs": (1, 2), "cli_rounds": 1,
-         "kernel_workers": (0,)}  # the mesh's CLI runs are the 2-worker rows' code path already
+         "kernel_workers": (0,), "plain_epochs": 2, "plain_rounds": 1}  # the mesh's CLI runs are the 2-worker rows' code path already
 
 
 def write_idx(directory, name, array, magic):
@@ -378,6 +380,8 @@ def end_to_end(data_dir, p, rows, seed_epoch_s):
     rows.append(("", "speed-up 2 workers vs 1, end to end", f"{statistics.median(ratios):.2f}x",
                  f"median of {len(ratios)} interleaved rounds, spread {ratios[0]:.2f}-{ratios[-1]:.2f}x (target: >= 1.8x); "
                  f"inside: {statistics.median(inside_ratios):.2f}x ({inside_ratios[0]:.2f}-{inside_ratios[-1]:.2f}x)"))
+    # the same arithmetic in plain processes, alone and beside an idle Ray: what this machine allows
+    rows.extend(plain_gd.rows(data_dir, p["n_train"], p["plain_epochs"], p["plain_rounds"]))
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
 

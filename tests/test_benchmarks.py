@@ -27,6 +27,8 @@ def test_quick_benchmark_runs_and_prints_the_table():
     assert re.search(r"end to end \(CLI, minibatch 32, 2 workers\) *\| from outside.*\| -?[\d,]+ us/step", out)
     assert re.search(r"jobs/quickstart.toml: from outside *\| -?[\d,]+ us/step *\| inside: median [\d,]+", out)
     assert re.search(r"jobs/quickstart.toml --workers 0: from outside *\| -?[\d,]+ us/step *\| inside: median [\d,]+", out)
+    for where in ("alone", "beside an idle embedded Ray"):  # the gd target's peer: plain processes
+        assert re.search(rf"peer: 2 plain processes vs 1, {where} *\| [\d.]+x *\| the workers' gd arithmetic", out), where
     if importlib.util.find_spec("torch") is not None:
         for row in ("PyTorch, 1 thread", "PyTorch DDP (gloo), 2 processes", "Ray Train TorchTrainer, 2 workers"):
             assert re.search(re.escape(row) + r" *\| [\d,]+ us/step", out), row
