@@ -40,11 +40,12 @@ def child(data_dir, start, stop, epochs):
 def epoch_s(data_dir, n_train, processes, epochs):
     """Seconds of an epoch of n_train rows split over `processes` plain processes started
     together: the slowest one's median epoch (a synchronous step waits for it)."""
+    from distmlp.worker import BLAS_ENV  # the workers' BLAS settings (here, not at the top: the children import no ray)
     bounds = [(n_train * i // processes, n_train * (i + 1) // processes) for i in range(processes)]
-    from distmlp.worker import BLAS_ENV  # the workers' BLAS settings
-    env = os.environ | BLAS_ENV
+    # epochs * processes epochs of 1/processes of the rows each: every case runs about as long
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.plain_gd", "--child", str(data_dir), str(lo), str(hi),
-                               str(epochs * processes)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                               str(epochs * processes)], stdout=subprocess.PIPE, text=True, env=os.environ | BLAS_ENV,
+                              cwd=ROOT)
              for lo, hi in bounds]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -63,17 +64,15 @@ def rows(data_dir, n_train, epochs, rounds):
     import ray
 
     from distmlp import connect
-    out = []
     alone = scaling(data_dir, n_train, epochs, rounds)
     connect.connect(num_cpus=2)
     try:
         beside = scaling(data_dir, n_train, epochs, rounds)
     finally:
         ray.shutdown()
-    for where, (median, low, high) in (("alone", alone), ("beside an idle embedded Ray", beside)):
-        out.append(("", f"peer: 2 plain processes vs 1, {where}", f"{median:.2f}x",
-                    f"the workers' gd arithmetic, no Ray in them; median of {rounds} rounds, spread {low:.2f}-{high:.2f}x"))
-    return out
+    return [("", f"peer: 2 plain processes vs 1, {where}", f"{median:.2f}x",
+             f"the workers' gd arithmetic, no Ray in them; median of {rounds} rounds, spread {low:.2f}-{high:.2f}x")
+            for where, (median, low, high) in (("alone", alone), ("beside an idle embedded Ray", beside))]
 
 
 def main(argv):

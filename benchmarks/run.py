@@ -35,7 +35,8 @@ FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_round
         "plain_epochs": 60, "plain_rounds": 5}
 QUICK = {"n_train": 1000, "n_test": 200, "steps": 20, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 32,
          "cli_steps": (10, 20), "cli_epochs": (1, 2), "cli_rounds": 1,
-         "kernel_workers": (0,), "plain_epochs": 2, "plain_rounds": 1}  # the mesh's CLI runs are the 2-worker rows' code path already
+         "plain_epochs": 2, "plain_rounds": 1,
+         "kernel_workers": (0,)}  # the mesh's CLI runs are the 2-worker rows' code path already
 
 
 def write_idx(directory, name, array, magic):
