@@ -39,15 +39,23 @@ class NumpyKernel:
 
     def grad_sums(self, params, x_uint8, labels, rows, out):
         if rows is None:
-            if self.chunk_rows and self.scaled is None:
-                self.scaled = np.empty((self.chunk_rows, x_uint8.shape[1]), self.dtype)
             grads, loss_sum, count = chunked_grad_sums(params, x_uint8, labels, self.dtype, self.chunk_rows,
-                                                       self.scaled)
+                                                       self._scaled(x_uint8.shape[1]))
         else:
             x = mlp.scale_pixels(x_uint8[rows], self.dtype)  # (B, 784)
             grads, loss_sum, count = mlp.loss_and_grad_sums(params, x, labels[rows])
         step.flatten(grads, mlp.param_names(len(params) // 2), out=out)
         return loss_sum, count
+
+    def chunk_sums(self, params, x_uint8, labels):
+        """(gradient sums, loss sum) of one chunk of a full batch, as grad_sums computes each
+        (the mesh shares a full batch's chunks among the workers of a node)."""
+        return chunk_grad_sums(params, x_uint8, labels, self.dtype, self._scaled(x_uint8.shape[1]))
+
+    def _scaled(self, width):
+        if self.chunk_rows and self.scaled is None:
+            self.scaled = np.empty((self.chunk_rows, width), self.dtype)
+        return self.scaled
 
     def held_out(self, x_uint8, labels):
         """The held-out rows as this kernel evaluates them: held_out(...).evaluate(params) ->
@@ -187,13 +195,23 @@ def chunked_grad_sums(params, x_uint8, labels, dtype, chunk=CHUNK_ROWS, scaled=N
     total, loss_sum = None, 0.0
     chunk = chunk or len(labels)
     for lo in range(0, len(labels), chunk):
-        rows = x_uint8[lo:lo + chunk]
-        x = mlp.scale_pixels(rows, dtype, None if scaled is None else scaled[:len(rows)])  # (chunk, 784)
-        grads, part_loss, _ = mlp.loss_and_grad_sums(params, x, labels[lo:lo + chunk])
-        if total is None:
-            total = grads
-        else:
-            for name, g in grads.items():
-                total[name] += g
+        grads, part_loss = chunk_grad_sums(params, x_uint8[lo:lo + chunk], labels[lo:lo + chunk], dtype, scaled)
+        total = add_sums(total, grads)
         loss_sum += part_loss
     return total, loss_sum, len(labels)
+
+
+def chunk_grad_sums(params, x_uint8, labels, dtype, scaled=None):
+    """(gradient sums, loss sum) of one chunk of uint8 rows, scaled into `scaled` if given."""
+    x = mlp.scale_pixels(x_uint8, dtype, None if scaled is None else scaled[:len(x_uint8)])  # (chunk, 784)
+    grads, loss_sum, _ = mlp.loss_and_grad_sums(params, x, labels)
+    return grads, loss_sum
+
+
+def add_sums(total, grads):
+    """The running sum of chunked sums: grads added into total (total None: grads is the sum)."""
+    if total is None:
+        return grads
+    for name, g in grads.items():
+        total[name] += g
+    return total

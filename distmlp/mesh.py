@@ -25,9 +25,19 @@ generation of sockets and runs the round again from the weights it started with:
 Per step only 24 bytes per peer cross a socket; the gradient sums (4 bytes per parameter) are
 read straight from the peer's shared-memory slot (double-buffered by step parity: a worker can
 only reach step s+1 once every peer has finished reading step s-1's slots).
+
+A full batch (gd) is computed in chunks of rows (kernels.chunked_grad_sums), and on one node
+every worker can read every row (the node's one copy of the data), so the workers share the
+chunks (SharedBatch): a worker done with its own computes a slower peer's remaining chunks and
+writes their sums into the peer's ChunkFile, and each worker adds its chunks' sums in chunk
+order as before. The sums keep their bits; a step no longer waits for the slowest worker's
+whole share. A worker that dies holding a peer's chunk closes its sockets, and the peer waiting
+for that chunk sees it as it would at the exchange.
 """
 
 import contextlib
+import fcntl
+import mmap
 import os
 import select
 import shutil
@@ -40,6 +50,7 @@ import time
 import numpy as np
 
 from distmlp.fsutil import check_private_dir
+from distmlp import kernels, mlp, step as contract
 from distmlp.rounds import RoundWorker
 
 SPIN_S = 0.0005  # polling before sleeping, per receive (0.3-1 ms measured alike)
@@ -61,7 +72,9 @@ class MeshBroken(Exception):
 class Peers:
     """This worker's Unix sockets to every other worker and the shared-memory slots, one generation."""
 
-    def __init__(self, directory, gen, rank, n_workers, slot_items, dtype, timeout):
+    def __init__(self, directory, gen, rank, n_workers, slot_items, dtype, timeout, chunks=None):
+        """chunks: (number of chunks, first row, end row, rows per chunk) of this worker's rows in
+        a full-batch step, to share them with the peers (ChunkFile, SharedBatch); None: not shared."""
         self.gen, self.rank, self.n = gen, rank, n_workers
         self.timeout = timeout
         # wait for peers by polling (a sleeping worker wakes up tens of microseconds late)
@@ -73,6 +86,7 @@ class Peers:
         self.mine = _map(path + ".buf", dtype, shape, create=True)  # exists before the listening socket does
         self.slots = {rank: self.mine}
         self.socks = {}
+        self.chunks = {} if chunks is None else {rank: ChunkFile(path + ".chunks", dtype, slot_items, chunks)}
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(path + ".sock")
@@ -98,10 +112,13 @@ class Peers:
         for peer, sock in self.socks.items():
             sock.setblocking(False)
             self.slots[peer] = _map(os.path.join(directory, f"g{gen}-r{peer}.buf"), dtype, shape, create=False)
+            if self.chunks:
+                self.chunks[peer] = ChunkFile(os.path.join(directory, f"g{gen}-r{peer}.chunks"), dtype, slot_items)
         # Once every peer has mapped our slots the file needs no name; the (private) directory
         # stays until the driver closes the transport.
         self.exchange(-1, (0.0, 0, 0))
         _unlink(path + ".buf")
+        _unlink(path + ".chunks")
 
     def exchange(self, step, header):
         """Send this worker's header for step to every peer; {rank: header} of every worker."""
@@ -127,10 +144,157 @@ class Peers:
         """[(rank, slot, loss sum, count)] of step for the ranks with rows, in rank order."""
         return [(rank, self.slots[rank][step % 2], h[1], h[2]) for rank, h in sorted(headers.items()) if h[2]]
 
+    def dead_peer(self, peer):
+        """Whether peer's socket is at end of file (its process is gone); data waiting is not."""
+        try:
+            return self.socks[peer].recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def close(self):
         for sock in self.socks.values():
             sock.close()
         self.socks = {}
+        for chunk_file in self.chunks.values():
+            chunk_file.close()
+        self.chunks = {}
+
+
+class ChunkFile:
+    """One worker's chunks of a full-batch step in a shared-memory file: the queue of chunks
+    not yet taken, which its owner takes from the front and its peers from the back, under an
+    fcntl lock on the file, and the sums of the chunks its peers took. Made by the owner (spec =
+    (number of chunks, first row, end row, rows per chunk)) or opened by a peer (spec None)."""
+
+    _INTS = 8  # the header: step, front, back, chunks, first row, end row, rows per chunk, unused
+
+    def __init__(self, path, dtype, n_items, spec=None):
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if spec else 0)
+        self.fd = os.open(path, flags, 0o600)
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise PermissionError(f"{path}: not a regular file of this user; refusing it")
+            n = spec[0] if spec else int(np.frombuffer(os.pread(self.fd, 8 * self._INTS, 0), np.int64)[3])
+            itemsize = np.dtype(dtype).itemsize
+            size = 8 * (self._INTS + 3 * n) + n * n_items * itemsize
+            if spec:
+                os.ftruncate(self.fd, size)
+            elif n < 0 or st.st_size != size:
+                raise PermissionError(f"{path}: {st.st_size} bytes, not a chunk file of {n} chunks; refusing it")
+            memory = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        ints = np.frombuffer(memory, np.int64, self._INTS + 2 * n)
+        self.header, self.taker, self.done = ints[:self._INTS], ints[self._INTS:self._INTS + n], ints[self._INTS + n:]
+        self.loss = np.frombuffer(memory, np.float64, n, 8 * (self._INTS + 2 * n))
+        self.sums = np.frombuffer(memory, dtype, n * n_items, 8 * (self._INTS + 3 * n)).reshape(n, n_items)
+        if spec:
+            self.header[3:7] = spec
+        self.n, self.first, self.end, self.rows = (int(v) for v in self.header[3:7])
+
+    @contextlib.contextmanager
+    def locked(self):
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 8, 0)
+        try:
+            yield self.header
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 8, 0)
+
+    def rows_of(self, k):
+        """The rows [lo, hi) of chunk k."""
+        lo = self.first + k * self.rows
+        return lo, min(lo + self.rows, self.end)
+
+    def close(self):
+        os.close(self.fd)  # the mapping goes with the last view of it
+
+
+class SharedBatch:
+    """A full-batch step whose chunks the workers of a node share (Peers made with chunks).
+
+    Each worker computes its own chunks from the front of its queue, a share of what is left at
+    a time; once its queue is empty it computes its peers' untaken chunks from the back of
+    theirs and writes their sums into the peer's file. Then it adds its chunks' sums in chunk
+    order, its own and those its peers computed, exactly as kernels.chunked_grad_sums adds them
+    in one process: the sums are the same bits whoever computed which chunk, and a worker that
+    a busy core slows down no longer holds the others up for the whole of its share.
+    """
+
+    TAKE = 4  # an owner takes this fraction (1/TAKE) of its untaken chunks at a time, at least one
+
+    def __init__(self, peers, kernel, x_uint8, labels):
+        self.peers, self.kernel, self.x, self.labels = peers, kernel, x_uint8, labels  # every row of the node
+        self.taken = 0  # peers' chunks this worker computed (MeshWorker.run counts a round's)
+
+    def grad_sums(self, params, step):
+        """(gradient sums keyed like params, loss sum, count) of this worker's rows for step."""
+        mine = self.peers.chunks[self.peers.rank]
+        with mine.locked() as header:
+            header[:3] = (step, 0, mine.n)
+        total, loss_sum = None, 0.0
+        while True:
+            with mine.locked() as header:
+                front, back = int(header[1]), int(header[2])
+                stop = min(back, front + max(1, (back - front) // self.TAKE))
+                header[1] = stop
+            if front >= stop:
+                break
+            for k in range(front, stop):
+                grads, part_loss = self._chunk(mine, k, params)
+                total = kernels.add_sums(total, grads)
+                loss_sum += part_loss
+        self.taken += self._take_from_peers(params, step)
+        for k in range(back, mine.n):  # taken by peers: their sums, in chunk order
+            self._wait(mine, k, step)
+            sums = contract.unflatten(mine.sums[k], params)
+            total = kernels.add_sums(total, sums if total is not None else {n: a.copy() for n, a in sums.items()})
+            loss_sum += float(mine.loss[k])
+        return total, loss_sum, mine.end - mine.first
+
+    def _chunk(self, owner, k, params):
+        lo, hi = owner.rows_of(k)
+        return self.kernel.chunk_sums(params, self.x[lo:hi], self.labels[lo:hi])
+
+    def _take_from_peers(self, params, step):
+        """Compute the peers' untaken chunks of step, from the back of their queues; how many."""
+        taken, rank, n = 0, self.peers.rank, self.peers.n
+        for peer in [(rank + i) % n for i in range(1, n)]:
+            owner = self.peers.chunks[peer]
+            while True:
+                with owner.locked() as header:
+                    if header[0] != step or header[2] <= header[1]:
+                        break
+                    header[2] -= 1
+                    k = int(header[2])
+                    owner.taker[k] = rank
+                grads, part_loss = self._chunk(owner, k, params)
+                contract.flatten(grads, mlp.param_names(len(params) // 2), out=owner.sums[k])
+                owner.loss[k] = part_loss
+                with owner.locked():  # the lock orders the sums before the mark
+                    owner.done[k] = step + 1
+                taken += 1
+        return taken
+
+    def _wait(self, mine, k, step):
+        """Until the peer that took chunk k of step has written its sums."""
+        deadline, spin_until, peer = None, time.perf_counter() + self.peers.spin_s, int(mine.taker[k])
+        while True:
+            if mine.done[k] == step + 1:
+                with mine.locked():  # orders the peer's sums before what this worker reads next
+                    return
+            now = time.perf_counter()
+            if deadline is None:
+                deadline = now + self.peers.timeout
+            if self.peers.dead_peer(peer):
+                raise MeshBroken(step, peer, "closed its connection")
+            if now >= deadline:
+                raise MeshBroken(step, peer, "did not finish a chunk it took within cluster.step_timeout_s")
+            if now >= spin_until:
+                time.sleep(0.0001)
 
 
 def _map(path, dtype, shape, create):
@@ -213,22 +377,33 @@ class MeshWorker(RoundWorker):
 
     def __init__(self, worker):
         super().__init__(worker)
-        self.peers = None
+        self.peers, self.shared = None, None
 
     def run(self, start, request):
+        if self.shared is not None:
+            self.shared.taken = 0
         with core_of_its_own(self.worker.rank, request["workers"]):
-            return super().run(start, request)
+            out = super().run(start, request)
+        out["chunks_taken"] = 0 if self.shared is None else self.shared.taken  # the peers' chunks it computed
+        return out
 
     def join(self, r, n_items, dtype):
         if self.peers is None or self.peers.gen != r["gen"]:
             self.drop()
-            self.peers = Peers(r["dir"], r["gen"], self.worker.rank, r["workers"], n_items, dtype, r["timeout"])
+            w = self.worker
+            # full batches: the chunks are shared where every worker can read every row of the node
+            share = (r["workers"] > 1 and w.node_train is not None and w.kernel.chunk_rows
+                     and r["sampler"].batch(r["first"]) is None)
+            first, end = w.train_range
+            chunks = (-(-(end - first) // w.kernel.chunk_rows), first, end, w.kernel.chunk_rows) if share else None
+            self.peers = Peers(r["dir"], r["gen"], w.rank, r["workers"], n_items, dtype, r["timeout"], chunks)
+            self.shared = SharedBatch(self.peers, w.kernel, *w.node_train) if share else None
         return self.peers
 
     def drop(self):
         if self.peers is not None:
             self.peers.close()
-            self.peers = None
+            self.peers, self.shared = None, None
 
 
 @contextlib.contextmanager
@@ -282,8 +457,9 @@ def sweep_stale():
             pass
 
 
-def room_for(workers, n_items, itemsize):
+def room_for(workers, n_items, itemsize, chunks=0):
     """Whether the shared-memory filesystem has room for every worker's double-buffered slots
-    (Docker gives /dev/shm 64 MB; a full one kills a worker with SIGBUS instead of an error)."""
-    need = workers * 2 * n_items * itemsize
+    and, for full batches, the sums of its `chunks` chunks (ChunkFile) (Docker gives /dev/shm
+    64 MB; a full one kills a worker with SIGBUS instead of an error)."""
+    need = workers * (2 + chunks) * n_items * itemsize
     return shutil.disk_usage(shm_dir()).free >= 2 * need + (1 << 20)

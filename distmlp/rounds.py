@@ -35,6 +35,7 @@ class RoundWorker:
     join_errors = ()  # what join raises when the link cannot be made
     broken = Exception  # what the link raises when it breaks during a round
     join_prefix = ""  # before the join error in the reply's detail
+    shared = None  # what shares a full batch's work among the workers (mesh.SharedBatch), if anything
 
     def __init__(self, worker):
         self.worker = worker
@@ -65,14 +66,14 @@ class RoundWorker:
             t0 = time.perf_counter()
             local = following
             count, loss_sum, compute_s = 0, 0.0, 0.0
-            if local is None or len(local):
-                _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step)
-                w.kernel.flat_sums(grads, weights.names, out=link.buffer(step))
-            following = contract.local_rows(sampler.batch(step + 1), w.train_range)  # drawn once, used next step
-            if following is not None and w.kernel.prefetch is not None:  # loads while the peers exchange
-                w.kernel.prefetch(w.train_x, following)
-            last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
             try:
+                if local is None or len(local):
+                    _, grads, loss_sum, count, compute_s = w.grad_sums(weights.current(), local, step, self.shared)
+                    w.kernel.flat_sums(grads, weights.names, out=link.buffer(step))
+                following = contract.local_rows(sampler.batch(step + 1), w.train_range)  # drawn once, used next step
+                if following is not None and w.kernel.prefetch is not None:  # loads while the peers exchange
+                    w.kernel.prefetch(w.train_x, following)
+                last = int(step + 1 == r["stop"] or (w.rank == 0 and time.perf_counter() >= round_end))
                 headers = link.exchange(step, (loss_sum, count, last))
             except self.broken as e:
                 status, detail = BROKEN, str(e)

@@ -26,7 +26,7 @@ import uuid
 import numpy as np
 import ray
 
-from distmlp import collective, mesh, mlp, rounds, step, trainer, worker
+from distmlp import collective, kernels, mesh, mlp, rounds, step, trainer, worker
 from distmlp.connect import ClusterError
 from distmlp.group import WorkerGroup
 
@@ -45,7 +45,9 @@ def start(source, job, worker_cls=worker.RemoteShardWorker, **placement):
                                "(use transport auto or actors)")
         if choice in ("auto", "mesh") and on_one_node:
             n_items = sum(a * b + b for a, b in zip(job.model.sizes[:-1], job.model.sizes[1:]))
-            if mesh.room_for(group.workers, n_items, np.dtype(job.model.dtype).itemsize):
+            rows = max(hi - lo for lo, hi in group.bounds)
+            chunks = -(-rows // kernels.CHUNK_ROWS) if job.optimizer.name == "gd" else 0
+            if mesh.room_for(group.workers, n_items, np.dtype(job.model.dtype).itemsize, chunks):
                 return MeshTransport(group)
             log.warning("%s has too little free space for the workers' shared-memory slots; "
                         "steps go over actor calls", mesh.shm_dir())

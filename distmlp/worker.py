@@ -27,11 +27,13 @@ class ShardWorker:
         self.dtype = np.dtype(dtype).type
         self.kernel = kernels.make(kernel, dtype)
         self.train_range = train_range
+        self.node_train = None  # every training row of the node (x, y), where the node has one copy
         if node_data is None:
             self.train_x, self.train_y = data.load_rows(source.train, *train_range)  # (n, 784) uint8
             self.test_x, self.test_y = data.load_rows(source.test, *test_range)
         else:  # [ref to the node's one copy of (train x, y, test x, y)]: zero-copy views of the shard
             train_x, train_y, test_x, test_y = ray.get(node_data[0])
+            self.node_train = (train_x, train_y)
             self.train_x, self.train_y = train_x[slice(*train_range)], train_y[slice(*train_range)]
             self.test_x, self.test_y = test_x[slice(*test_range)], test_y[slice(*test_range)]
         self.held_out = self.kernel.held_out(self.test_x, self.test_y)
@@ -43,12 +45,16 @@ class ShardWorker:
         return {"rank": self.rank, "pid": os.getpid(), "node_id": ctx.get_node_id(),
                 "n_train": len(self.train_y), "n_test": len(self.test_y)}
 
-    def grad_sums(self, params, local_indices, step):
+    def grad_sums(self, params, local_indices, step, shared=None):
         """(step, gradient sums keyed like params, loss sum, count, seconds) over local_indices
-        (None: the whole shard, in cache-sized chunks), by the job's kernel; the sums are
-        rewritten by the next call."""
+        (None: the whole shard, in cache-sized chunks, which `shared`, a mesh.SharedBatch, shares
+        with the node's other workers when given), by the job's kernel; the sums are rewritten by
+        the next call."""
         t0 = time.perf_counter()
-        grads, loss_sum, count = self.kernel.keyed_grad_sums(params, self.train_x, self.train_y, local_indices)
+        if local_indices is None and shared is not None:
+            grads, loss_sum, count = shared.grad_sums(params, step)
+        else:
+            grads, loss_sum, count = self.kernel.keyed_grad_sums(params, self.train_x, self.train_y, local_indices)
         return step, grads, loss_sum, count, time.perf_counter() - t0
 
     def evaluate(self, params):

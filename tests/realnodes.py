@@ -97,10 +97,10 @@ def equal(cluster, workers):
 class SlowAtStep(ShardWorker):
     """Rank 1 sleeps 1.5 s in step index 4, so a kill lands in the middle of a round."""
 
-    def grad_sums(self, params, local_indices, step):
+    def grad_sums(self, params, local_indices, step, shared=None):
         if self.rank == 1 and step == 4:
             time.sleep(1.5)
-        return super().grad_sums(params, local_indices, step)
+        return super().grad_sums(params, local_indices, step, shared)
 
 
 def kill_later(rank, delay_s, log):

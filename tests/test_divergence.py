@@ -29,8 +29,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # worker proces
 def nan_worker(rank, steps):
     """A worker class whose rank puts a NaN into W2's gradient at the given 0-based steps."""
     class NaNAt(ShardWorker):
-        def grad_sums(self, params, local_indices, step):
-            out = super().grad_sums(params, local_indices, step)
+        def grad_sums(self, params, local_indices, step, shared=None):
+            out = super().grad_sums(params, local_indices, step, shared)
             if self.rank == rank and step in steps:
                 out[1]["W2"][0, 0] = np.nan
             return out

@@ -65,10 +65,10 @@ def assert_bit_identical(a, b):
 class SlowAtStep(ShardWorker):
     """Rank 1 takes 1.5 s over step index 3, so a kill can land in the middle of it."""
 
-    def grad_sums(self, params, local_indices, step):
+    def grad_sums(self, params, local_indices, step, shared=None):
         if self.rank == 1 and step == 3:
             time.sleep(1.5)
-        return super().grad_sums(params, local_indices, step)
+        return super().grad_sums(params, local_indices, step, shared)
 
 
 SlowRemote = ray.remote(SlowAtStep)

@@ -10,14 +10,19 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
+import ray
 
 from distmlp import config, connect, data, mesh, mlp, optim, step, trainer, transport
+from distmlp.worker import ShardWorker
 from hooks import AtStep
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # worker processes cannot import tests/
 
 
 def params_for(seed, dtype=np.float32, sizes=(784, 16, 16, 10)):
@@ -186,6 +191,7 @@ CASES = {
     "minibatch-1": ("minibatch", 20, 1, {}),
     "sgd-2": ("sgd", 40, 2, {}),
     "gd-2": ("gd", 4, 2, {}),
+    "gd-3-uneven": ("gd", 3, 3, {}),  # 2,667 rows a worker: its last chunk short
     "momentum-2": ("minibatch", 20, 2, {"optimizer": {"momentum": 0.9}}),
     "float64-2": ("minibatch", 15, 2, {"model": {"dtype": "float64"}}),
     "sample-2": ("minibatch", 15, 2, {"optimizer": {"sampling": "sample"}}),
@@ -270,6 +276,83 @@ def test_a_worker_killed_in_the_middle_of_a_round_is_replaced_and_the_round_reru
     warnings = [r.getMessage() for r in caplog.records if "restarting" in r.getMessage()]
     assert len(warnings) == 1 and re.search(rf"worker 1 \(pid {killed[0]} .*died during step \d+", warnings[0])
     assert bits_equal(got.params, want.params) and got.step == 1500
+
+
+class SlowChunks(ShardWorker):
+    """A full batch's chunks of rows (kernel.chunk_sums) take `delay_s` longer in rank `rank`, from
+    its `after`-th chunk on; at its `kill_at`-th chunk rank's process kills itself, once (the first
+    to do so leaves the file `marker`)."""
+
+    plan = {}  # rank -> (delay_s, after, kill_at or None, marker); set before the workers start
+
+    def __init__(self, rank, *args, **kwargs):
+        super().__init__(rank, *args, **kwargs)
+        delay_s, after, kill_at, marker = self.plan.get(rank, (0.0, 0, None, None))
+        inner, calls = self.kernel.chunk_sums, [0]
+
+        def chunk_sums(params, x_uint8, labels):
+            calls[0] += 1
+            if calls[0] == kill_at and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if calls[0] > after:
+                time.sleep(delay_s)
+            return inner(params, x_uint8, labels)
+        self.kernel.chunk_sums = chunk_sums
+
+
+def slow_chunks(plan):
+    return ray.remote(type("Planned", (SlowChunks,), {"plan": plan}))
+
+
+def taken_by_rank(monkeypatch):
+    """{rank: the peers' chunks it computed}, summed over the rounds the driver gets."""
+    taken = {}
+    inner = transport.round_of
+
+    def counting(g, replies, wall, first):
+        for rank, reply in replies.items():
+            taken[rank] = taken.get(rank, 0) + reply["chunks_taken"]
+        return inner(g, replies, wall, first)
+    monkeypatch.setattr(transport, "round_of", counting)
+    return taken
+
+
+def test_a_slow_workers_chunks_are_computed_by_its_peer_with_the_same_bits(ray_session, source, monkeypatch):
+    """gd: rank 1's chunks take 30 ms longer each, so rank 0, done with its own, takes rank 1's
+    from the back of its queue; the sums are added in chunk order all the same."""
+    job = job_for("gd", "auto", 3)
+    want, _, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
+    taken = taken_by_rank(monkeypatch)
+    got, backend, _ = run(job, source, worker_cls=slow_chunks({1: (0.03, 0, None, None)}))
+    assert isinstance(backend, transport.MeshTransport)
+    assert taken[0] >= 3 and taken[1] <= 3 * 2, taken  # rank 1 may take one of rank 0's as it ends
+    assert bits_equal(got.params, want.params) and got.metrics["train_loss"] == want.metrics["train_loss"]
+
+
+def test_minibatch_steps_share_no_chunks(ray_session, source, monkeypatch):
+    taken = taken_by_rank(monkeypatch)
+    run(job_for("minibatch", "auto", 5), source)
+    assert taken == {0: 0, 1: 0}
+
+
+def test_a_worker_killed_while_it_computes_a_peers_chunk_is_replaced_and_the_round_rerun(ray_session, source, caplog,
+                                                                                         monkeypatch, tmp_path):
+    """Rank 0's chunks are slow; rank 1, done with its 8, takes one of rank 0's and dies while
+    computing it. Rank 0, waiting for that chunk's sums, sees rank 1's socket close (not the step
+    timeout); the driver restarts rank 1 and reruns the round: the same bits."""
+    job = config.replace(job_for("gd", "auto", 2), cluster={"step_timeout_s": 120.0})
+    want, _, _ = run(config.replace(job, cluster={"transport": "actors"}), source)
+    taken = taken_by_rank(monkeypatch)
+    marker = str(tmp_path / "killed")
+    worker_cls = slow_chunks({0: (0.05, 0, None, None), 1: (0.0, 0, 9, marker)})  # rank 1's 9th chunk is rank 0's
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="distmlp"):
+        got, backend, _ = run(job, source, worker_cls=worker_cls)
+    assert time.perf_counter() - t0 < 60  # end of file, not the 120 s step timeout
+    assert backend.group.failures == 1
+    assert any(re.search(r"worker 1 \(pid \d+ .*died during step 1", r.getMessage()) for r in caplog.records)
+    assert os.path.exists(marker) and bits_equal(got.params, want.params) and taken[1] > 0
 
 
 def test_nonfinite_steps_go_to_the_loop_with_the_same_outcome_as_actor_calls(ray_session, source):
@@ -404,7 +487,7 @@ def test_stale_mesh_directories_of_dead_drivers_are_swept():
 
 
 def test_too_little_shared_memory_means_actor_calls_with_a_warning(ray_session, source, monkeypatch, caplog):
-    monkeypatch.setattr(mesh, "room_for", lambda workers, n_items, itemsize: False)
+    monkeypatch.setattr(mesh, "room_for", lambda workers, n_items, itemsize, chunks=0: False)
     with caplog.at_level(logging.WARNING, logger="distmlp"):
         backend = transport.start(source, job_for("minibatch", "auto", 2))
     try:
