@@ -49,8 +49,8 @@ import time
 
 import numpy as np
 
-from distmlp.fsutil import check_private_dir
 from distmlp import kernels, mlp, step as contract
+from distmlp.fsutil import check_private_dir
 from distmlp.rounds import RoundWorker
 
 SPIN_S = 0.0005  # polling before sleeping, per receive (0.3-1 ms measured alike)
@@ -73,8 +73,8 @@ class Peers:
     """This worker's Unix sockets to every other worker and the shared-memory slots, one generation."""
 
     def __init__(self, directory, gen, rank, n_workers, slot_items, dtype, timeout, chunks=None):
-        """chunks: (number of chunks, first row, end row, rows per chunk) of this worker's rows in
-        a full-batch step, to share them with the peers (ChunkFile, SharedBatch); None: not shared."""
+        """chunks: (first row, end row, rows per chunk) of this worker's rows in a full-batch
+        step, to share them with the peers (ChunkFile, SharedBatch); None: not shared."""
         self.gen, self.rank, self.n = gen, rank, n_workers
         self.timeout = timeout
         # wait for peers by polling (a sleeping worker wakes up tens of microseconds late)
@@ -166,7 +166,7 @@ class ChunkFile:
     """One worker's chunks of a full-batch step in a shared-memory file: the queue of chunks
     not yet taken, which its owner takes from the front and its peers from the back, under an
     fcntl lock on the file, and the sums of the chunks its peers took. Made by the owner (spec =
-    (number of chunks, first row, end row, rows per chunk)) or opened by a peer (spec None)."""
+    (first row, end row, rows per chunk)) or opened by a peer (spec None)."""
 
     _INTS = 8  # the header: step, front, back, chunks, first row, end row, rows per chunk, unused
 
@@ -177,7 +177,11 @@ class ChunkFile:
             st = os.fstat(self.fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
                 raise PermissionError(f"{path}: not a regular file of this user; refusing it")
-            n = spec[0] if spec else int(np.frombuffer(os.pread(self.fd, 8 * self._INTS, 0), np.int64)[3])
+            if spec:
+                first, end, rows = spec
+                n = -(-(end - first) // rows)
+            else:
+                n = int(np.frombuffer(os.pread(self.fd, 8 * self._INTS, 0), np.int64)[3])
             itemsize = np.dtype(dtype).itemsize
             size = 8 * (self._INTS + 3 * n) + n * n_items * itemsize
             if spec:
@@ -193,7 +197,7 @@ class ChunkFile:
         self.loss = np.frombuffer(memory, np.float64, n, 8 * (self._INTS + 2 * n))
         self.sums = np.frombuffer(memory, dtype, n * n_items, 8 * (self._INTS + 3 * n)).reshape(n, n_items)
         if spec:
-            self.header[3:7] = spec
+            self.header[3:7] = (n, *spec)
         self.n, self.first, self.end, self.rows = (int(v) for v in self.header[3:7])
 
     @contextlib.contextmanager
@@ -251,7 +255,9 @@ class SharedBatch:
         for k in range(back, mine.n):  # taken by peers: their sums, in chunk order
             self._wait(mine, k, step)
             sums = contract.unflatten(mine.sums[k], params)
-            total = kernels.add_sums(total, sums if total is not None else {n: a.copy() for n, a in sums.items()})
+            if total is None:  # the first chunk was a peer's: copied, as the file is rewritten next step
+                sums = {name: a.copy() for name, a in sums.items()}
+            total = kernels.add_sums(total, sums)
             loss_sum += float(mine.loss[k])
         return total, loss_sum, mine.end - mine.first
 
@@ -281,14 +287,13 @@ class SharedBatch:
 
     def _wait(self, mine, k, step):
         """Until the peer that took chunk k of step has written its sums."""
-        deadline, spin_until, peer = None, time.perf_counter() + self.peers.spin_s, int(mine.taker[k])
+        start, peer = time.perf_counter(), int(mine.taker[k])
+        spin_until, deadline = start + self.peers.spin_s, start + self.peers.timeout
         while True:
             if mine.done[k] == step + 1:
                 with mine.locked():  # orders the peer's sums before what this worker reads next
                     return
             now = time.perf_counter()
-            if deadline is None:
-                deadline = now + self.peers.timeout
             if self.peers.dead_peer(peer):
                 raise MeshBroken(step, peer, "closed its connection")
             if now >= deadline:
@@ -394,8 +399,7 @@ class MeshWorker(RoundWorker):
             # full batches: the chunks are shared where every worker can read every row of the node
             share = (r["workers"] > 1 and w.node_train is not None and w.kernel.chunk_rows
                      and r["sampler"].batch(r["first"]) is None)
-            first, end = w.train_range
-            chunks = (-(-(end - first) // w.kernel.chunk_rows), first, end, w.kernel.chunk_rows) if share else None
+            chunks = (*w.train_range, w.kernel.chunk_rows) if share else None
             self.peers = Peers(r["dir"], r["gen"], w.rank, r["workers"], n_items, dtype, r["timeout"], chunks)
             self.shared = SharedBatch(self.peers, w.kernel, *w.node_train) if share else None
         return self.peers
