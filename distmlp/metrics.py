@@ -1,10 +1,11 @@
 """Step records out of the training loop: the metrics files, the hooks a run uses, the plot.
 
-Loop hooks (trainer.train) get on_start(state, info), on_step(state, record) after every step
-and on_end(state, record). Records are flat dicts: step, epoch, samples_seen, train_loss, lr,
-step_s, compute_s, comm_s, plus test_loss and test_accuracy on evaluated steps; MetricsWriter
-adds wall_s (seconds since the run started). The engine runs rounds of many steps, so on_step
-calls come in bursts: the hooks here buffer records and write them in batches (BufferedHook).
+Loop hooks (trainer.train) get on_start(state, info), on_steps(state, steps) after every round
+of steps (trainer.Steps: the records as columns; Hook's default calls on_step(state, record) for
+each) and on_end(state, record). Records are flat dicts: step, epoch, samples_seen, train_loss,
+lr, step_s, compute_s, comm_s, plus test_loss and test_accuracy on evaluated steps;
+MetricsWriter adds wall_s (seconds since the run started). The hooks here buffer what they write
+and write it in batches (BufferedHook).
 
 In a run directory on an object store (distmlp.storage), which cannot append, the JSON lines go
 to numbered objects metrics/part-000000.jsonl, part-000001.jsonl, ... one per write.
@@ -17,15 +18,14 @@ import os
 import re
 import time
 
+import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from distmlp import fsutil, storage
 from distmlp.errors import UserError
-from distmlp.trainer import Hook
+from distmlp.trainer import Hook, Steps
 
 JSONL = "metrics.jsonl"
 EVENT = "event"  # the key that marks a metrics.jsonl record that is not a step (e.g. "membership")
@@ -144,9 +144,10 @@ def _parquet_bytes(table):
 
 class BufferedHook(Hook):
     """A loop hook that collects rows and writes them in batches: once flush_s seconds have passed
-    since the last write, at a step that must_flush(record) names, and at the end.
+    since the last write, after a round of steps that must_flush(steps) names, and at the end.
 
-    Subclasses implement row(record) (what to keep of a record) and write(rows).
+    Subclasses implement rows(steps) (a list: what to keep of a round's trainer.Steps) and
+    write(rows).
     """
 
     flush_s = 0.5  # at most this long between writes while steps arrive
@@ -155,11 +156,14 @@ class BufferedHook(Hook):
         self._rows = []
         self._last_write = time.perf_counter()
 
-    def on_step(self, state, record):
-        self._rows.append(self.row(record))
+    def on_steps(self, state, steps):
+        self._rows += self.rows(steps)
         now = time.perf_counter()
-        if now - self._last_write >= self.flush_s or self.must_flush(record):
+        if now - self._last_write >= self.flush_s or self.must_flush(steps):
             self.flush(now)
+
+    def on_step(self, state, record):
+        self.on_steps(state, Steps.from_records([record]))
 
     def on_end(self, state, record):
         self.flush()
@@ -172,7 +176,7 @@ class BufferedHook(Hook):
             self.write(rows)
         self._last_write = time.perf_counter() if now is None else now
 
-    def must_flush(self, record):
+    def must_flush(self, steps):
         return False
 
     def close(self):
@@ -183,14 +187,16 @@ class MetricsWriter(BufferedHook):
     """Every step record as one JSON line in RUN_DIR/metrics.jsonl, and RUN_DIR/metrics.parquet.
 
     The JSON lines are buffered and appended at least every flush_s seconds (so `tail -f` follows
-    a run), at every evaluated step and at every checkpoint step (every checkpoint_every steps),
-    so that a killed run (or a stopped sweep trial) leaves every record up to its last checkpoint
-    and its last evaluation on disk. metrics.parquet is written once, at
-    the end, from the JSON lines. Resuming in the same run directory keeps the records up to the
-    resumed step and drops any later ones.
+    a run), after every round with an evaluated step or a checkpoint step (every
+    checkpoint_every steps), so that a killed run (or a stopped sweep trial) leaves every record
+    up to its last checkpoint and its last evaluation on disk. The rows of metrics.parquet are
+    kept as Arrow columns while the run goes (made from the rounds' columns, no record parsed
+    again) and written once, at the end. Resuming in the same run directory keeps the records up
+    to the resumed step and drops any later ones.
 
     On an object store each write is a new part (see read_parts), at least remote_flush_s apart
-    while steps arrive; a resumed run removes metrics.parquet until its end writes it again.
+    while steps arrive; a resumed run removes metrics.parquet until its end writes it again, from
+    the parts.
     """
 
     remote_flush_s = 10.0  # on an object store: at most this long between parts while steps arrive
@@ -207,6 +213,7 @@ class MetricsWriter(BufferedHook):
         self._file = None
         self._part = 0  # on an object store: the number of the next part
         self._t0 = None
+        self._tables = []  # local: metrics.parquet's rows so far, as Arrow tables
 
     def on_start(self, state, info):
         if self.remote:
@@ -217,6 +224,7 @@ class MetricsWriter(BufferedHook):
         steps = [r for r in kept if EVENT not in r]
         offset = (steps[-1].get("wall_s") or 0.0) if steps else 0.0
         self._t0 = time.perf_counter() - offset
+        self._tables = [to_table(steps)]
         fsutil.atomic_write(self.jsonl_path, lambda tmp: self._write_lines(tmp, kept))
         self._file = open(self.jsonl_path, "ab")
 
@@ -227,20 +235,23 @@ class MetricsWriter(BufferedHook):
         self._part = 1 + max((int(rel[5:11]) for rel in parts), default=-1)
         storage.remove_file(self.parquet_path)
 
-    def row(self, record):
-        return {**record, "wall_s": time.perf_counter() - self._t0}
+    def rows(self, steps):
+        wall_s = time.perf_counter() - self._t0  # when the loop handled the round, for all its steps
+        if not self.remote:
+            self._tables.append(steps_table(steps, wall_s))
+        return [json_lines(steps.records(), wall_s)]
+
+    def must_flush(self, steps):
+        return bool(steps.tests) or (self.checkpoint_every > 0
+                                     and bool((steps.columns["step"] % self.checkpoint_every == 0).any()))
 
     def event(self, record):
         """Write a record that is not a step (record[EVENT] names it, e.g. "membership") now."""
-        self._rows.append(self.row(record))
+        self._rows.append(orjson.dumps({**record, "wall_s": time.perf_counter() - self._t0}, option=JSON_OPTIONS))
         self.flush()
 
-    def must_flush(self, record):
-        evaluated = record.get("test_accuracy") is not None
-        return evaluated or (self.checkpoint_every > 0 and record["step"] % self.checkpoint_every == 0)
-
-    def write(self, rows):
-        lines = b"".join(orjson.dumps(r, option=JSON_OPTIONS) for r in rows)
+    def write(self, chunks):
+        lines = b"".join(chunks)
         if self.remote:
             storage.write_bytes(storage.join(self.run_dir, PARTS, f"part-{self._part:06d}.jsonl"), lines)
             self._part += 1
@@ -253,12 +264,8 @@ class MetricsWriter(BufferedHook):
         if self.remote:
             steps = to_table([r for r in read_parts(self.run_dir) if EVENT not in r])
             return storage.write_bytes(self.parquet_path, _parquet_bytes(steps))
-        options = pa_json.ParseOptions(explicit_schema=SCHEMA.append(pa.field(EVENT, pa.string())),
-                                       unexpected_field_behavior="ignore")
-        table = pa_json.read_json(self.jsonl_path, read_options=pa_json.ReadOptions(use_threads=False),
-                                  parse_options=options)
-        steps = table.filter(pc.is_null(table.column(EVENT))).select(SCHEMA.names)
-        write_parquet_atomic(steps, self.parquet_path)
+        write_parquet_atomic(pa.concat_tables(self._tables).combine_chunks(), self.parquet_path)
+        self._tables = []
 
     def close(self):
         if self._file is not None:
@@ -269,6 +276,32 @@ class MetricsWriter(BufferedHook):
     def _write_lines(path, records):
         with open(path, "wb") as f:
             f.writelines(orjson.dumps(r, option=JSON_OPTIONS) for r in records)
+
+
+def json_lines(records, wall_s):
+    """The JSON lines of step records (flat dicts of numbers), each with wall_s added last."""
+    if not records:
+        return b""
+    end = b',"wall_s":' + orjson.dumps(wall_s) + b"}\n"
+    # one dump of the list, then "},{" between two records (a flat dict of numbers has no other) becomes a line end
+    body = orjson.dumps(records, option=orjson.OPT_SERIALIZE_NUMPY)[1:-2]
+    return body.replace(b"},{", end + b"{") + end
+
+
+def steps_table(steps, wall_s):
+    """The rows of metrics.parquet (SCHEMA) for steps (trainer.Steps), with their wall_s; a
+    non-finite number is null, as in the JSON lines."""
+    n, c = len(steps), steps.columns
+    tests = {"test_loss": np.full(n, np.nan), "test_accuracy": np.full(n, np.nan)}
+    for i, (loss, accuracy) in steps.tests.items():
+        tests["test_loss"][i], tests["test_accuracy"][i] = loss, accuracy
+    columns = {**c, **tests, "wall_s": np.full(n, wall_s)}
+    arrays = []
+    for field in SCHEMA:
+        values = np.asarray(columns[field.name], np.int64 if field.name in INTEGER_FIELDS else np.float64)
+        mask = None if field.name in INTEGER_FIELDS else ~np.isfinite(values)
+        arrays.append(pa.array(values, field.type, mask=mask if mask is not None and mask.any() else None))
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
 def load(run_dir):

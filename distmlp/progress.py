@@ -1,6 +1,6 @@
 """What a run shows while it trains: a line per logged step, and a progress bar on a terminal.
 
-Progress is a training-loop hook (on_start, on_step after every step, on_end). Its lines show
+Progress is a training-loop hook (on_start, on_steps after every round of steps, on_end). Its lines show
 the training loss averaged over the steps since the previous line, not one minibatch's loss.
 """
 
@@ -8,7 +8,9 @@ import math
 import sys
 import time
 
-from distmlp.trainer import Hook
+import numpy as np
+
+from distmlp.trainer import Hook, Steps
 
 BAR_REFRESH_S = 0.1  # the bar's numbers change at most this often
 
@@ -34,10 +36,11 @@ class Window:
     def __init__(self):
         self.steps, self.loss_sum, self.step_s, self.examples = 0, 0.0, 0.0, 0
 
-    def add(self, record, examples):
-        self.steps += 1
-        self.loss_sum += record["train_loss"]
-        self.step_s += record["step_s"]
+    def add(self, losses, step_s, examples):
+        """Add steps: their training losses and step seconds (lists), and the examples they trained on."""
+        self.steps += len(losses)
+        self.loss_sum = sum(losses, self.loss_sum)
+        self.step_s = sum(step_s, self.step_s)
         self.examples += examples
 
     @property
@@ -74,24 +77,35 @@ class Progress(Hook):
         self.steps = info["steps"]
         self.every = self.log_every or default_log_every(self.steps)
         self._line_window, self._bar_window = Window(), Window()
-        self._samples = self._samples0 = state.samples_seen
+        self._samples = self._samples0 = self._bar_samples = state.samples_seen
         self._t0 = self._bar_t = time.perf_counter()
         if self.bar:
             self._start_bar(state.step)
 
     def on_step(self, state, record):
-        examples = record["samples_seen"] - self._samples
-        self._samples = record["samples_seen"]
-        self._line_window.add(record, examples)
-        step = record["step"]
+        self.on_steps(state, Steps.from_records([record]))
+
+    def on_steps(self, state, steps):
+        c = steps.columns
+        step = c["step"]
+        due = (step % self.every == 0) | (step == self.steps)
+        due[list(steps.tests)] = True
+        losses, step_s, samples = c["train_loss"].tolist(), c["step_s"].tolist(), c["samples_seen"].tolist()
+        start = 0
+        for end in (*np.flatnonzero(due).tolist(), len(step) - 1):  # the lines, then the rest of the round
+            if end >= start:
+                self._line_window.add(losses[start:end + 1], step_s[start:end + 1], samples[end] - self._samples)
+                self._samples = samples[end]
+                if due[end]:
+                    self._line(steps.record(end))
+                start = end + 1
         if self._bar is not None:
-            self._bar_window.add(record, examples)
+            self._bar_window.add(losses, step_s, samples[-1] - self._bar_samples)
+            self._bar_samples = samples[-1]
             now = time.perf_counter()
-            if now - self._bar_t >= BAR_REFRESH_S or step == self.steps:
-                self._update_bar(step)
+            if now - self._bar_t >= BAR_REFRESH_S or step[-1] == self.steps:
+                self._update_bar(int(step[-1]))
                 self._bar_t = now
-        if step % self.every == 0 or record.get("test_accuracy") is not None or step == self.steps:
-            self._line(record)
 
     def on_end(self, state, record):
         if self._line_window.steps and record:

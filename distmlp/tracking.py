@@ -6,6 +6,7 @@ perf/examples_per_s by step.
 """
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ import tempfile
 import time
 
 import crc32c
+import numpy as np
 
 from distmlp import config, storage
 from distmlp.errors import UserError
@@ -52,9 +54,11 @@ class ScalarHook(BufferedHook):
     def on_start(self, state, info):
         self._samples = state.samples_seen
 
-    def row(self, record):
-        examples, self._samples = record["samples_seen"] - self._samples, record["samples_seen"]
-        return time.time(), record, examples
+    def rows(self, steps):
+        samples = steps.columns["samples_seen"]
+        examples = np.diff(samples, prepend=self._samples).tolist()
+        self._samples = int(samples[-1])
+        return list(zip(itertools.repeat(time.time()), steps.records(), examples))
 
 
 class TensorBoardHook(ScalarHook):

@@ -48,10 +48,15 @@ def test_writer_records_every_step_in_both_files(tmp_path, backend):
 
 
 class LinesOnDisk(trainer.Hook):
-    """After every step: how many lines metrics.jsonl has on disk, and whether metrics.parquet exists."""
+    """After every step: how many lines metrics.jsonl has on disk, and whether metrics.parquet
+    exists. Rounds of steps end at the given stops (hooks see a round after the hooks before
+    them have seen all of it)."""
 
-    def __init__(self, run_dir):
-        self.run_dir, self.seen = run_dir, []
+    def __init__(self, run_dir, stops=()):
+        self.run_dir, self.seen, self.stops = run_dir, [], stops
+
+    def next_stop(self, step):
+        return next((at for at in self.stops if at > step), None)
 
     def on_step(self, state, record):
         path = self.run_dir / "metrics.jsonl"
@@ -62,18 +67,18 @@ def test_writer_buffers_lines_until_a_checkpoint_or_evaluated_step_and_writes_pa
     run_dir = tmp_path / "run"
     writer = metrics.MetricsWriter(str(run_dir), checkpoint_every=5)
     writer.flush_s = 1e9  # only checkpoint steps, evaluated steps and the end write
-    peek = LinesOnDisk(run_dir)
+    peek = LinesOnDisk(run_dir, stops=(3, 5, 10))  # rounds of steps 1-3, 4-5, 6-10 (evaluated at 7), 11-12
     trainer.train(small_job(steps=12, eval_every=7), backend, hooks=[writer, peek])
-    assert peek.seen == [(0, False)] * 4 + [(5, False)] * 2 + [(7, False)] * 3 + [(10, False)] * 2 + [(12, False)]
+    assert peek.seen == [(0, False)] * 3 + [(5, False)] * 2 + [(10, False)] * 5 + [(12, False)] * 2
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 12
     assert pq.read_table(run_dir / "metrics.parquet").column("step").to_pylist() == list(range(1, 13))
 
 
-def test_writer_with_flush_s_zero_writes_every_step(tmp_path, backend):
+def test_writer_with_flush_s_zero_writes_every_round(tmp_path, backend):
     run_dir = tmp_path / "run"
     writer = metrics.MetricsWriter(str(run_dir))
     writer.flush_s = 0.0
-    peek = LinesOnDisk(run_dir)
+    peek = LinesOnDisk(run_dir, stops=range(1, 7))  # a round a step
     trainer.train(small_job(steps=6, eval_every=0), backend, hooks=[writer, peek])
     assert peek.seen == [(n, False) for n in range(1, 7)]
 
@@ -160,6 +165,9 @@ import os, signal, sys
 from distmlp import checkpoint, config, data, driver, metrics, trainer
 
 class KillAt(trainer.Hook):
+    def next_stop(self, step):  # a round of steps 11-13: the hooks before see it, nothing writes it
+        return 13 if step < 13 else None
+
     def on_step(self, state, record):
         if record["step"] == 13:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -198,6 +206,9 @@ def test_a_change_of_workers_is_a_record_in_metrics_jsonl_and_a_mark_on_the_plot
               "seconds": 1.5, "why": "lost worker(s) 2"}
 
     class Change(trainer.Hook):
+        def next_stop(self, step):  # a round ends at step 4, as a regrouping does
+            return 4 if step < 4 else None
+
         def on_step(self, state, record):
             if record["step"] == 4:
                 writer.event(change)
@@ -212,3 +223,48 @@ def test_a_change_of_workers_is_a_record_in_metrics_jsonl_and_a_mark_on_the_plot
     fig = metrics.figure(str(run_dir))
     marks = [line for ax in fig.axes for line in ax.lines if list(line.get_xdata()) == [4, 4]]
     assert len(marks) == 2  # on the loss and the accuracy panels
+
+
+def test_parquet_made_from_the_rounds_columns_is_the_json_lines_parsed(tmp_path):
+    """metrics.parquet is made from the rounds' columns, not by parsing metrics.jsonl again; the
+    parse gives the same table: non-finite numbers are null in both, and a resumed run's kept
+    rows come first."""
+    run_dir = tmp_path / "run"
+
+    def steps(first, n, nan_at=(), evaluated=()):
+        records = []
+        for step in range(first, first + n):
+            record = {"step": step, "epoch": step / 7, "samples_seen": 32 * step,
+                      "train_loss": float("nan") if step in nan_at else 2.3 / step, "lr": 0.1,
+                      "step_s": 1e-4 * step, "compute_s": 9e-5 * step, "comm_s": 1e-5 * step}
+            if step in evaluated:
+                record.update(test_loss=float("inf") if step in nan_at else 0.5 / step, test_accuracy=0.9)
+            records.append(record)
+        return trainer.Steps.from_records(records)
+
+    def run(first_state, rounds):
+        writer = metrics.MetricsWriter(str(run_dir))
+        state = trainer.TrainState(params={}, opt_state={}, step=first_state)
+        writer.on_start(state, {})
+        for round_ in rounds:
+            writer.on_steps(state, round_)
+        writer.on_end(state, None)
+
+    run(0, [steps(1, 5, evaluated=(5,)), steps(6, 4, nan_at=(7, 8), evaluated=(8,))])
+    run(6, [steps(7, 4, nan_at=(9,), evaluated=(10,))])  # resumed after step 6: steps 7-9 again
+    parsed = metrics.to_table([r for r in metrics.read_jsonl(run_dir / "metrics.jsonl")])
+    table = pq.read_table(run_dir / "metrics.parquet")
+    assert table.equals(parsed)
+    cols = table.to_pydict()
+    assert cols["step"] == list(range(1, 11))
+    assert cols["train_loss"][8] is None and cols["train_loss"][6] == 2.3 / 7  # the resumed run's step 7
+    assert [i + 1 for i, a in enumerate(cols["test_accuracy"]) if a is not None] == [5, 10]
+    assert cols["wall_s"] == sorted(cols["wall_s"])
+
+
+def test_json_lines_of_a_round_are_one_dump_per_record():
+    records = [{"step": 1, "train_loss": 0.5, "comm_s": float("nan")}, {"step": 2, "train_loss": 1e-7},
+               {"step": 3, "train_loss": 2.0, "test_loss": 0.25, "test_accuracy": 0.75}]
+    expected = b"".join(metrics.orjson.dumps({**r, "wall_s": 1.25}, option=metrics.JSON_OPTIONS) for r in records)
+    assert metrics.json_lines(records, 1.25) == expected
+    assert metrics.json_lines([], 1.25) == b""

@@ -28,8 +28,7 @@ class Records(trainer.Hook):
 
 def test_format_line_matches_the_documented_shape():
     window = progress.Window()
-    for loss in (0.3, 0.32428):
-        window.add({"train_loss": loss, "step_s": 0.00041}, 32)
+    window.add([0.3, 0.32428], [0.00041, 0.00041], 64)
     record = {"step": 120, "epoch": 0.512, "train_loss": 9.9, "test_accuracy": 0.9123}
     assert progress.format_line(record, 1875, window) == \
         "step 120/1875 | epoch 0.51 | loss 0.3121 | acc 91.2% | 0.41 ms/step | 78,049 ex/s"
@@ -96,3 +95,24 @@ def test_examples_per_s_is_the_runs_wall_clock_throughput(backend, monkeypatch):
     state = trainer.train(small_job(steps=3, eval_every=0), backend, hooks=[hook])
     # on_start read the clock once and on_end once: the run took (reads - 1) fake seconds
     assert hook.examples_per_s == pytest.approx(state.samples_seen / (next(clock) - 1))
+
+
+def test_a_rounds_lines_are_the_lines_of_its_steps_one_at_a_time():
+    """Progress takes a round's steps as columns; the lines are those of the same records
+    handed over one at a time."""
+    records = [{"step": s, "epoch": s / 7, "samples_seen": 32 * s, "train_loss": 1 / s, "lr": 0.1,
+                "step_s": 1e-4 * (1 + s % 3), "compute_s": 1e-4, "comm_s": 0.0} for s in range(1, 24)]
+    records[8].update(test_loss=0.4, test_accuracy=0.875)  # step 9
+    outputs = []
+    for rounds in ([records], [records[:5], records[5:9], records[9:]], [[r] for r in records]):
+        lines = []
+        hook = progress.Progress(log_every=4, echo=lines.append, bar=False)
+        state = trainer.TrainState(params={}, opt_state={})
+        hook.on_start(state, {"steps": 23})
+        for part in rounds:
+            hook.on_steps(state, trainer.Steps.from_records(part))
+        outputs.append(lines)
+    assert [line.split(" | ")[0] for line in outputs[0]] == [
+        f"step {s}/23" for s in (4, 8, 9, 12, 16, 20, 23)]
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert "acc 87.5%" in outputs[0][2]

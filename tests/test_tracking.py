@@ -64,13 +64,18 @@ def test_tensorboard_scalars_by_step_match_the_records(tmp_path, backend):
     assert "[optimizer]" in text and "lr = 0.1" in text
 
 
-def test_tensorboard_writing_every_step_logs_speed_at_every_step(tmp_path, backend):
+class RoundAStep(trainer.Hook):
+    def next_stop(self, step):
+        return step + 1
+
+
+def test_tensorboard_writing_every_round_logs_speed_at_every_round(tmp_path, backend):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     job, seen = small_job(steps=5, eval_every=0), Records()
     hook = tracking.TensorBoardHook(str(run_dir), job)
     hook.flush_s = 0.0
-    trainer.train(job, backend, hooks=[seen, hook])
+    trainer.train(job, backend, hooks=[seen, hook, RoundAStep()])  # rounds of one step
     acc = read_events(run_dir)
     assert [(e.step, e.value) for e in acc.Scalars("perf/examples_per_s")] == \
         [(r["step"], pytest.approx(32 / r["step_s"], rel=1e-6)) for r in seen.records]

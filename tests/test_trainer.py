@@ -232,3 +232,49 @@ def test_skip_policy_skips_up_to_two_updates_in_a_row(backend):
     assert skipped.step == 6 and all(np.isfinite(p).all() for p in skipped.params.values())
     with pytest.raises(trainer.DivergenceError, match="at step 4"):
         trainer.train(job, PoisonedBackend(backend, {1, 2, 3}))
+
+
+def test_round_steps_are_the_records_one_step_at_a_time():
+    """The loop hands a round's records to the hooks as columns (trainer.Steps); their records
+    are what counting one step at a time in Python gives, bit for bit."""
+    job = config.load_job(None, ["optimizer.lr=0.05", "run.steps=40", "run.eval_every=6"])
+    plan = trainer.Plan(trainer.make_sampler(job, 8000), 0.05, 0.0, 6, 40)
+    state = trainer.TrainState(params={}, opt_state={}, step=10, samples_seen=320)
+    rng = np.random.default_rng(3)
+    records = [trainer.StepRecord(float(rng.random() * 70), 32, float(rng.random() * 1e-4),
+                                  float(rng.random() * 2e-4)) for _ in range(30)]
+    evals = {12: (900, 300.5, 1000), 18: (901, 299.0, 1000), 24: (905, 250.0, 1000), 30: (910, 200.0, 1000),
+             36: (911, 199.0, 1000), 40: (920, 180.0, 1000)}
+    steps = trainer.round_steps(job, plan, state, records, evals)
+    expected, seen = [], state.samples_seen
+    for i, rec in enumerate(records):
+        step = state.step + i + 1
+        seen += rec.count
+        record = {"step": step, "epoch": step / plan.sampler.steps_per_epoch, "samples_seen": seen,
+                  "train_loss": rec.loss_sum / rec.count, "lr": 0.05, "step_s": rec.step_s,
+                  "compute_s": rec.compute_s, "comm_s": max(rec.step_s - rec.compute_s, 0.0)}
+        if step in evals:
+            correct, loss_sum, n = evals[step]
+            record.update(test_loss=loss_sum / n, test_accuracy=correct / n)
+        expected.append(record)
+    assert steps.records() == expected
+    assert [type(v) for v in steps.records()[0].values()] == [type(v) for v in expected[0].values()]
+    assert trainer.round_steps(job, plan, state, records, evals).record(-1) == expected[-1]
+    assert trainer.round_steps(job, plan, state, records, evals).record(1) == expected[1]
+    with pytest.raises(RuntimeError, match="did not evaluate the weights after step 36"):
+        trainer.round_steps(job, plan, state, records, {k: v for k, v in evals.items() if k != 36})
+
+
+def test_per_step_hooks_see_the_state_at_their_step(backend):
+    """A hook with on_step only (Hook.on_steps' default) sees state.step and samples_seen at each
+    record, and the loop's state at the round's end afterwards."""
+    seen = []
+
+    class Per(trainer.Hook):
+        def on_step(self, state, record):
+            seen.append((state.step, state.samples_seen, state.metrics is record, record["step"]))
+
+    job = config.load_job(None, ["optimizer.batch_size=100", "run.steps=6", "run.eval_every=4"])
+    state = trainer.train(job, backend, hooks=[Per()])
+    assert seen == [(s, 100 * s, True, s) for s in range(1, 7)]
+    assert (state.step, state.samples_seen, state.metrics["step"]) == (6, 600, 6)

@@ -189,8 +189,9 @@ class CheckpointHook(trainer.Hook):
         """The next step to save at: the training loop has the weights there (mesh rounds end)."""
         return (step // self.every + 1) * self.every if self.every > 0 else None
 
-    def on_step(self, state, record):
-        if self.every > 0 and record["step"] % self.every == 0:
+    def on_steps(self, state, steps):
+        # a round ends at the step to save at (next_stop), so state holds that step's weights
+        if self.every > 0 and state.step % self.every == 0:
             self._save(state)
 
     def on_end(self, state, record):
