@@ -268,3 +268,23 @@ def test_json_lines_of_a_round_are_one_dump_per_record():
     expected = b"".join(metrics.orjson.dumps({**r, "wall_s": 1.25}, option=metrics.JSON_OPTIONS) for r in records)
     assert metrics.json_lines(records, 1.25) == expected
     assert metrics.json_lines([], 1.25) == b""
+
+
+NO_PANDAS_RUN = """
+import sys
+from distmlp import config, driver
+job = config.load_job(overrides=["run.steps=30", "run.eval_every=10", "run.checkpoint_every=10",
+                                 "cluster.workers=0", f"run.run_dir={sys.argv[1]!r}"])
+driver.run_job(job, json_mode=True, echo=lambda line: None)
+print("pandas" in sys.modules)
+"""
+
+
+def test_a_run_writes_metrics_and_checkpoints_without_importing_pandas(tmp_path):
+    """pa.array imports pandas (a third of a second) the first time it is called: the metrics
+    files and checkpoints are made from NumPy buffers instead."""
+    proc = subprocess.run([sys.executable, "-c", NO_PANDAS_RUN, str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False"]
+    assert metrics.load(str(tmp_path / "run")).column("step").to_pylist() == list(range(1, 31))
