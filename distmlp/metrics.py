@@ -23,7 +23,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distmlp import fsutil, storage
+from distmlp import arrow, fsutil, storage
 from distmlp.errors import UserError
 from distmlp.trainer import Hook, Steps
 
@@ -59,32 +59,20 @@ class MetricsError(UserError):
 def to_table(records):
     """Records (dicts) -> a pyarrow Table with SCHEMA; missing keys and non-finite numbers become
     nulls."""
-    columns = {}
+    arrays = []
     for name in SCHEMA.names:
         values = [r.get(name) for r in records]
         if name in INTEGER_FIELDS:
-            columns[name] = (np.array([0 if v is None else v for v in values], np.int64),
-                             np.array([v is not None for v in values], bool))
+            arrays.append(arrow.array(np.array([0 if v is None else v for v in values], np.int64),
+                                      np.array([v is not None for v in values], bool)))
         else:
-            columns[name] = np.array([math.nan if v is None else v for v in values], np.float64)
-    return _table(columns)
-
-
-def _table(columns):
-    """A Table with SCHEMA of {name: float64 array (non-finite: null) or (int64 array, valid)}.
-    Made from the arrays' buffers: pa.array imports pandas, 0.3 s at its first call in a run."""
-    arrays = []
-    for field in SCHEMA:
-        if field.name in INTEGER_FIELDS:
-            data, valid = columns[field.name]
-        else:
-            data = columns[field.name]
-            valid = np.isfinite(data)
-        nulls = len(valid) - int(np.count_nonzero(valid))
-        bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
-        arrays.append(pa.Array.from_buffers(field.type, len(data), [bitmap, pa.py_buffer(np.ascontiguousarray(data))],
-                                            null_count=nulls))
+            arrays.append(_floats(np.array([math.nan if v is None else v for v in values], np.float64)))
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _floats(values):
+    """The Arrow array of a float64 column, null where a number is not finite (as JSON has it)."""
+    return arrow.array(values, np.isfinite(values))
 
 
 # Step records are floats that seldom repeat: a dictionary per column made the file larger and
@@ -316,16 +304,14 @@ def json_lines(records, wall_s):
 def steps_table(steps, wall_s):
     """The rows of metrics.parquet (SCHEMA) for steps (trainer.Steps), with their wall_s; a
     non-finite number is null, as in the JSON lines."""
-    n, c = len(steps), steps.columns
-    columns = {"test_loss": np.full(n, math.nan), "test_accuracy": np.full(n, math.nan), "wall_s": np.full(n, wall_s)}
+    n = len(steps)
+    columns = {**steps.columns, "test_loss": np.full(n, math.nan), "test_accuracy": np.full(n, math.nan),
+               "wall_s": np.full(n, wall_s)}
     for i, (loss, accuracy) in steps.tests.items():
         columns["test_loss"][i], columns["test_accuracy"][i] = loss, accuracy
-    for name in SCHEMA.names:
-        if name in INTEGER_FIELDS:
-            columns[name] = (c[name].astype(np.int64), np.ones(n, bool))
-        elif name not in columns:
-            columns[name] = c[name].astype(np.float64)
-    return _table(columns)
+    return pa.Table.from_arrays([arrow.array(columns[name].astype(np.int64)) if name in INTEGER_FIELDS
+                                 else _floats(columns[name].astype(np.float64)) for name in SCHEMA.names],
+                                schema=SCHEMA)
 
 
 def load(run_dir):

@@ -242,11 +242,7 @@ def round_steps(job, plan, state, records, evals):
 
 def evaluated(first, last, plan):
     """The steps in (first, last] after which plan evaluates, in order."""
-    every = plan.eval_every
-    due = list(range((first // every + 1) * every, last + 1, every)) if every else []
-    if first < plan.steps <= last and plan.steps not in due:
-        due.append(plan.steps)
-    return due
+    return [done for done in range(first + 1, last + 1) if plan.evaluates(done)]
 
 
 def hand_over(state, steps, hooks):
