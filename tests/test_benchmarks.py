@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -41,6 +42,20 @@ def test_quick_benchmark_runs_and_prints_the_table():
             assert re.search(rf"kernel {kernel} *\| {where} *\| -?[\d,]+ us/step", out), (kernel, where)
     else:
         assert "numba not installed (optional extra 'fast')" in out
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="the prototype's flags rely on x86's store order (no memory barrier in it)")
+def test_runahead_prototype_gives_the_same_bits_as_lockstep():
+    """benchmarks.runahead: both ways of stepping end with the same weights in both workers."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.runahead", "--steps", "300", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for mode in ("lockstep", "run-ahead"):
+        line = next(line for line in lines if line.startswith(mode))
+        assert re.search(r"[\d.]+ us/step", line) and "ranks agree: True" in line, line
+    assert "same bits, lockstep and run-ahead: True" in lines
 
 
 @pytest.mark.slow
