@@ -255,6 +255,30 @@ def test_train_resume_inspect_plot_on_s3_match_a_local_run(s3_endpoint, tmp_path
     assert evaluated["test_accuracy"] == pytest.approx(info["metrics"]["test_accuracy"], abs=0)
 
 
+def test_the_cached_s3_filesystems_are_dropped_before_pyarrow_finalizes_s3_at_exit():
+    """An S3 client alive after pyarrow's exit-time finalization can abort the process at
+    teardown; storage lets go of its cached filesystems first (atexit runs last-registered
+    first, and pyarrow.fs registers its finalizer when imported, before distmlp.storage)."""
+    script = """if True:
+        import atexit, sys
+        import pyarrow.fs as pafs
+        calls = []
+        finalize = pafs.ensure_s3_finalized
+        def seen():  # what pyarrow's finalizer will find, just before it runs
+            calls.append(sys.modules["distmlp.storage"]._filesystem.cache_info().currsize)
+            print("cached filesystems when S3 is finalized:", calls[-1], flush=True)
+        atexit.register(finalize)  # runs after seen (atexit: last registered runs first)
+        atexit.register(seen)
+        from distmlp import storage  # registers storage._drop_filesystems, which runs before both
+        fs, _ = storage.split("s3://bucket/runs/a?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
+        assert type(fs).__name__ == "S3FileSystem" and storage._filesystem.cache_info().currsize == 1
+        del fs
+    """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["cached filesystems when S3 is finalized: 0"]
+
+
 @pytest.mark.slow
 def test_the_endpoint_from_the_environment_and_a_missing_bucket(s3_endpoint):
     env = {"AWS_ENDPOINT_URL": f"http://{s3_endpoint}"}
