@@ -11,7 +11,6 @@ checkpoint's manifest) is written.
 import atexit
 import contextlib
 import functools
-import gc
 import os
 from pathlib import Path
 
@@ -91,7 +90,6 @@ def _drop_filesystems():
     exception"; apache/arrow#41087 and #36346): it happened once in a CI run of `distmlp
     checkpoint inspect s3://...`."""
     _filesystem.cache_clear()
-    gc.collect()
 
 
 def file_type(target):

@@ -262,12 +262,10 @@ def test_the_cached_s3_filesystems_are_dropped_before_pyarrow_finalizes_s3_at_ex
     script = """if True:
         import atexit, sys
         import pyarrow.fs as pafs
-        calls = []
-        finalize = pafs.ensure_s3_finalized
         def seen():  # what pyarrow's finalizer will find, just before it runs
-            calls.append(sys.modules["distmlp.storage"]._filesystem.cache_info().currsize)
-            print("cached filesystems when S3 is finalized:", calls[-1], flush=True)
-        atexit.register(finalize)  # runs after seen (atexit: last registered runs first)
+            size = sys.modules["distmlp.storage"]._filesystem.cache_info().currsize
+            print("cached filesystems when S3 is finalized:", size, flush=True)
+        atexit.register(pafs.ensure_s3_finalized)  # runs after seen (atexit: last registered runs first)
         atexit.register(seen)
         from distmlp import storage  # registers storage._drop_filesystems, which runs before both
         fs, _ = storage.split("s3://bucket/runs/a?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
