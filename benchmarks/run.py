@@ -24,7 +24,7 @@ import numpy as np
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the embedded Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks import plain_gd  # noqa: E402
+from benchmarks import plain_gd, runahead  # noqa: E402
 from distmlp import config, connect, data, metrics, trainer, transport  # noqa: E402
 
 MESH = "Ray, shared-memory mesh (transport auto), 2 workers"
@@ -32,10 +32,10 @@ SEED_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "seed_refere
 QUICKSTART = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
 FULL = {"n_train": 60000, "n_test": 10000, "steps": 1500, "rounds": 3, "gd_rounds": 5, "gd_steps": 12, "seed_images": 300,
         "cli_steps": (1000, 151000), "cli_epochs": (10, 610), "cli_rounds": 5, "kernel_workers": (0, 2),
-        "plain_epochs": 60, "plain_rounds": 5}
+        "plain_epochs": 60, "plain_rounds": 5, "peer_steps": 20000, "peer_rounds": 5}
 QUICK = {"n_train": 1000, "n_test": 200, "steps": 20, "rounds": 1, "gd_rounds": 1, "gd_steps": 2, "seed_images": 32,
          "cli_steps": (10, 20), "cli_epochs": (1, 2), "cli_rounds": 1,
-         "plain_epochs": 2, "plain_rounds": 1,
+         "plain_epochs": 2, "plain_rounds": 1, "peer_steps": 300, "peer_rounds": 1,
          "kernel_workers": (0,)}  # the mesh's CLI runs are the 2-worker rows' code path already
 
 
@@ -358,6 +358,8 @@ def end_to_end(data_dir, p, rows, seed_epoch_s):
                  f"inside: median {one_inside.median * 1e6:,.0f}, mean {one_inside.mean * 1e6:,.0f}, loop "
                  f"{one_inside.loop * 1e6:,.0f} us/step; outside / inside {one_step / one_inside.median:.2f}x "
                  "(one process, no Ray)"))
+    # a bare 2-worker lockstep step in plain processes, alone and beside an idle Ray: what this machine allows
+    rows.extend(runahead.peer_rows(p["peer_steps"], p["peer_rounds"]))
     epoch = per_step * (60000 // 32)
     rows.append(("", "one minibatch epoch of 60,000, end to end", f"{epoch:.2f} s",
                  f"{seed_epoch_s / epoch:,.0f}x faster than the seed's loop (target: >= 500x)"))

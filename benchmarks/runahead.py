@@ -13,7 +13,13 @@ Both must end with the same bits in both workers, and the same as each other. Pr
 round: wall time per step, the median and mean interval between steps, how many halves each
 worker took from its peer. docs/performance.md (twelfth session) has what it showed.
 
+The lockstep pair is also the peer of the end-to-end target (peer_rows, in benchmarks.run):
+its wall time per step over its median step, alone and beside an idle embedded Ray, is the
+ratio a 2-worker step reaches on this machine with nothing but the step's arithmetic and its
+wait for the peer (no Ray in the workers, no sampler, no driver, no hooks, no evaluations).
+
     python -m benchmarks.runahead [--steps 20000] [--rounds 3]
+    python -m benchmarks.runahead --peer [--steps 20000] [--rounds 5]   # the peer rows
 """
 
 import argparse
@@ -21,6 +27,8 @@ import fcntl
 import mmap
 import multiprocessing
 import os
+import platform
+import statistics
 import tempfile
 import time
 
@@ -99,10 +107,11 @@ def run(mode, steps):
     with tempfile.NamedTemporaryFile(dir=directory, prefix="distmlp-runahead-") as f:
         f.truncate(8 * (2 + 4 * RING) + 4 * 2 * RING * n_weights)
         f.flush()
-        queue = multiprocessing.Queue()
-        start_at = time.time() + 1.0
-        procs = [multiprocessing.Process(target=worker, args=(rank, mode, steps, f.name, queue, start_at))
-                 for rank in (0, 1)]
+        # spawned, not forked: the caller may have Ray's threads running (benchmarks.run)
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        start_at = time.time() + 3.0  # both started and past their imports
+        procs = [context.Process(target=worker, args=(rank, mode, steps, f.name, queue, start_at)) for rank in (0, 1)]
         for p in procs:
             p.start()
         results = sorted(queue.get() for _ in procs)
@@ -114,11 +123,43 @@ def run(mode, steps):
             results[0][3], [r[4] for r in results])
 
 
+def peer_rows(steps, rounds):
+    """Table rows: the lockstep pair's wall time per step over its median step (as the CLI's
+    outside / inside), `rounds` runs alone and then `rounds` beside an idle embedded Ray."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return [("", "peer: 2 plain processes in lockstep", "skipped",
+                 "its flags rely on x86's store order (no memory barrier in it)")]
+    import ray
+
+    from distmlp import connect
+
+    def ratios():
+        runs = [run("lockstep", steps) for _ in range(rounds)]
+        return sorted(per_step / median for per_step, median, *_ in runs), statistics.median(r[1] for r in runs)
+
+    alone = ratios()
+    connect.connect(num_cpus=2)
+    try:
+        beside = ratios()
+    finally:
+        ray.shutdown()
+    return [("", f"peer: 2 plain processes in lockstep, {where}", f"{statistics.median(r):.2f}x",
+             f"wall per step / median step (the step's arithmetic and wait only); median of {rounds} rounds of "
+             f"{steps} steps, spread {r[0]:.2f}-{r[-1]:.2f}x; median step {median:.0f} us")
+            for where, (r, median) in (("alone", alone), ("beside an idle embedded Ray", beside))]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="3 (5 with --peer)")
+    parser.add_argument("--peer", action="store_true", help="only the lockstep peer rows of benchmarks.run")
     args = parser.parse_args(argv)
+    if args.peer:
+        for row in peer_rows(args.steps, args.rounds or 5):
+            print(" | ".join(row[1:]))
+        return
+    args.rounds = args.rounds or 3
     bits = {}
     for _ in range(args.rounds):  # interleaved: the machine's phases move both alike
         for mode in ("lockstep", "run-ahead"):

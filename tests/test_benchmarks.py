@@ -30,6 +30,11 @@ def test_quick_benchmark_runs_and_prints_the_table():
     assert re.search(r"jobs/quickstart.toml --workers 0: from outside *\| -?[\d,]+ us/step *\| inside: median [\d,]+", out)
     for where in ("alone", "beside an idle embedded Ray"):  # the gd target's peer: plain processes
         assert re.search(rf"peer: 2 plain processes vs 1, {where} *\| [\d.]+x *\| the workers' gd arithmetic", out), where
+    if platform.machine() in ("x86_64", "AMD64"):  # the end-to-end target's peer: a bare lockstep pair
+        for where in ("alone", "beside an idle embedded Ray"):
+            assert re.search(rf"peer: 2 plain processes in lockstep, {where} *\| [\d.]+x *\| wall per step / median", out), where
+    else:
+        assert re.search(r"peer: 2 plain processes in lockstep *\| skipped", out)
     if importlib.util.find_spec("torch") is not None:
         for row in ("PyTorch, 1 thread", "PyTorch DDP (gloo), 2 processes", "Ray Train TorchTrainer, 2 workers"):
             assert re.search(re.escape(row) + r" *\| [\d,]+ us/step", out), row
